@@ -1,0 +1,30 @@
+# Two entry points: `make demo` (the main job on its defaults) and `make test`.
+# Both build and reuse a local CPU virtualenv; a second run installs nothing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+STAMP := $(VENV)/.saw-installed
+
+.PHONY: test demo venv gpu-test clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements/cpu-test.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-deps sglang==0.5.17
+	$(PY) -m pip install -q -r requirements/cpu-test.txt
+	$(PY) -m pip install -q --no-deps -e .
+	# CPU-only torchvision import shim (tests/shims/torchvision): see README.
+	echo "$(CURDIR)/tests/shims" > "$(SITE)/saw_test_shims.pth"
+	touch $(STAMP)
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -rs
+
+demo: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m saw_sglang.demo
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Everything that touches SGLang internals: one module per target, version-guarded."""
