@@ -1,0 +1,153 @@
+"""Pure-torch references for every kernel (fp32 math). Slow and obviously correct:
+tests compare the Triton kernels with these, and the CPU accuracy tool uses them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .format import CLAMP, Int4KVFormat, hadamard
+
+
+def rotate(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """x . H_B over the last dim (block-diagonal normalised Hadamard). Self-inverse."""
+    d = x.shape[-1]
+    h = hadamard(block_size, torch.float32, x.device)
+    y = x.float().reshape(*x.shape[:-1], d // block_size, block_size) @ h
+    return y.reshape(x.shape)
+
+
+def sanitize(x: torch.Tensor) -> torch.Tensor:
+    """NaN -> 0, +-inf and huge values -> +-CLAMP: scales stay finite in fp16."""
+    return torch.nan_to_num(x.float(), nan=0.0, posinf=CLAMP, neginf=-CLAMP).clamp(-CLAMP, CLAMP)
+
+
+def quantize(x: torch.Tensor, fmt: Int4KVFormat, rotated: bool):
+    """[..., D] float -> (packed uint8 [..., D/2], scales fp16 [..., NG, 2])."""
+    x = sanitize(x)
+    if rotated:
+        x = rotate(x, fmt.block_size).clamp(-CLAMP, CLAMP)
+    g = fmt.group_size
+    xg = x.reshape(*x.shape[:-1], fmt.num_groups, g)
+    lo, hi = xg.amin(-1), xg.amax(-1)
+    scale = ((hi - lo) / 15.0).half()
+    mn = lo.half()
+    s, m = scale.float().unsqueeze(-1), mn.float().unsqueeze(-1)
+    inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+    q = torch.floor((xg - m) * inv + 0.5).clamp(0, 15).to(torch.uint8)
+    packed = q[..., : g // 2] | (q[..., g // 2 :] << 4)
+    packed = packed.reshape(*x.shape[:-1], fmt.head_dim // 2)
+    return packed, torch.stack([scale, mn], -1)
+
+
+def unpack_codes(packed: torch.Tensor, fmt: Int4KVFormat) -> torch.Tensor:
+    """packed uint8 [..., D/2] -> codes uint8 [..., D] in channel order."""
+    g = fmt.group_size
+    p = packed.reshape(*packed.shape[:-1], fmt.num_groups, g // 2)
+    q = torch.cat([p & 0xF, p >> 4], -1)
+    return q.reshape(*packed.shape[:-1], fmt.head_dim)
+
+
+def dequantize_values(packed, scales, fmt: Int4KVFormat, rotated: bool, unrotate=True):
+    """(packed, scales) -> fp32 values; back in the original basis when `unrotate`."""
+    q = unpack_codes(packed, fmt).float()
+    qg = q.reshape(*q.shape[:-1], fmt.num_groups, fmt.group_size)
+    sc = scales.float()
+    x = (qg * sc[..., 0:1] + sc[..., 1:2]).reshape(q.shape)
+    if rotated and unrotate:
+        x = rotate(x, fmt.block_size)
+    return x
+
+
+def quantize_and_store_ref(k, v, loc, k_data, k_scales, v_data, v_scales, fmt: Int4KVFormat):
+    """Write quantized k, v [T, H, D] at slots loc [T] (last write wins on repeats)."""
+    kd, ks = quantize(k, fmt, fmt.k_rotated)
+    vd, vs = quantize(v, fmt, fmt.v_rotated)
+    loc = loc.long()
+    k_data[loc], k_scales[loc] = kd, ks
+    v_data[loc], v_scales[loc] = vd, vs
+
+
+def dequantize_ref(data, scales, loc, fmt: Int4KVFormat, rotated: bool, dtype=torch.bfloat16):
+    """Slots -> [T, H, D] values in the original basis."""
+    loc = loc.long()
+    return dequantize_values(data[loc], scales[loc], fmt, rotated).to(dtype)
+
+
+def token_slots(kv_indptr, kv_indices, kv_lens, b: int, page_size: int) -> torch.Tensor:
+    """Slots of request b's tokens: kv_indices holds slots (page_size 1) or page ids."""
+    n = int(kv_lens[b])
+    entries = kv_indices[int(kv_indptr[b]) : int(kv_indptr[b + 1])].long()
+    if page_size == 1:
+        return entries[:n]
+    t = torch.arange(n, device=entries.device)
+    return entries[t // page_size] * page_size + t % page_size
+
+
+def _attend(q, k, v, sm_scale, logit_cap, mask=None):
+    """q [M, Hq, D], k/v [N, Hkv, D] fp32 -> (o [M, Hq, D], lse [M, Hq]) natural log."""
+    hq, hkv = q.shape[1], k.shape[1]
+    k = k.repeat_interleave(hq // hkv, dim=1)
+    v = v.repeat_interleave(hq // hkv, dim=1)
+    s = torch.einsum("mhd,nhd->hmn", q.float(), k) * sm_scale
+    if logit_cap > 0:
+        s = logit_cap * torch.tanh(s / logit_cap)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
+    o = torch.einsum("hmn,nhd->mhd", p, v)
+    return o, lse.transpose(0, 1)
+
+
+def decode_attention_ref(
+    q, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv_lens,
+    fmt: Int4KVFormat, sm_scale: float, page_size: int = 1, logit_cap: float = 0.0,
+):
+    """q [B, Hq, D] (original basis) -> o [B, Hq, D] in q.dtype.
+    A request with no tokens gets a zero output."""
+    out = torch.zeros_like(q, dtype=torch.float32)
+    for b in range(q.shape[0]):
+        slots = token_slots(kv_indptr, kv_indices, kv_lens, b, page_size)
+        if slots.numel() == 0:
+            continue
+        k = dequantize_values(k_data[slots], k_scales[slots], fmt, fmt.k_rotated)
+        v = dequantize_values(v_data[slots], v_scales[slots], fmt, fmt.v_rotated)
+        o, _ = _attend(q[b : b + 1], k, v, sm_scale, logit_cap)
+        out[b] = o[0]
+    return out.to(q.dtype)
+
+
+def prefix_attention_ref(
+    q, qo_indptr, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv_lens,
+    fmt: Int4KVFormat, sm_scale: float, page_size: int = 1, logit_cap: float = 0.0,
+):
+    """Extend queries q [Nq, Hq, D] over their cached INT4 prefixes (every prefix token
+    precedes every new query, so no mask). Returns (o [Nq, Hq, D] q.dtype,
+    lse [Nq, Hq] fp32, natural log; -inf for an empty prefix, with o = 0)."""
+    o = torch.zeros_like(q, dtype=torch.float32)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+    for b in range(qo_indptr.numel() - 1):
+        a, e = int(qo_indptr[b]), int(qo_indptr[b + 1])
+        slots = token_slots(kv_indptr, kv_indices, kv_lens, b, page_size)
+        if slots.numel() == 0 or e == a:
+            continue
+        k = dequantize_values(k_data[slots], k_scales[slots], fmt, fmt.k_rotated)
+        v = dequantize_values(v_data[slots], v_scales[slots], fmt, fmt.v_rotated)
+        o[a:e], lse[a:e] = _attend(q[a:e], k, v, sm_scale, logit_cap)
+    return o.to(q.dtype), lse
+
+
+def attention_lse_merge(o1, lse1, o2, lse2):
+    """Merge two partial attentions (natural-log lse), like flashinfer.merge_state."""
+    m = torch.maximum(lse1, lse2)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)
+    den = w1 + w2
+    o = (o1.float() * w1.unsqueeze(-1) + o2.float() * w2.unsqueeze(-1)) / den.unsqueeze(-1)
+    return o, m + torch.log(den)
+
+
+def default_sm_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
