@@ -1,0 +1,423 @@
+"""Split-KV (flash-decoding) attention over the packed INT4 paged pool.
+
+Grid (kv head, split, batch), the kv head fastest: the programs of all KV heads of the
+same tokens run together and share the DRAM rows and L2 sectors of those slots (the
+fp16 scale/min of all heads of a slot sit in one 32 B sector). One program serves all
+query heads of its KV head (the GQA group, padded to 16 rows for tl.dot), so every KV
+byte is read once.
+
+Arithmetic (no integer->float conversion instructions on the hot path):
+  * a nibble n becomes fp16 by bits: (n | 0x6400) is the fp16 1024 + n, exact;
+  * group_size == head_dim: the zero point and the 1024 bias fold into per-token
+    scalars, so the codes go straight into the tensor-core dots:
+        q.k   = s_k * (q . (1024 + n)) + (m_k - 1024 s_k) * sum(q)
+        p @ v = (p s_v) @ (1024 + n) + sum_n p (m_v - 1024 s_v)   (the last term per row)
+  * smaller groups: codes are dequantised in registers (fp16) and dotted directly.
+Dots take fp16 operands and accumulate in fp32; the online softmax runs in fp32 with
+exp2 (log2 e folded into the scale). q is rotated in the prologue (q . H_B) with a
++-1 matrix built from index parities (H_B[i, c] = (-1)^popcount(i & c) / sqrt(B) inside a
+block), and the output is rotated back in the epilogue when V was rotated.
+
+The split count is a host decision (batch, heads, SM count, optional max length), never
+read from device data: the per-request split length comes from kv_lens in the kernel,
+so a call with a workspace and a fixed num_splits is CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .format import Int4KVFormat
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 64
+DEFAULT_NUM_SMS = 132
+
+# Tuning table keyed by (head_dim, group_size); "waves" = target programs per SM used by
+# the split policy. Update from `python -m saw_sglang.bench.kernels --tune`.
+DEFAULT_CONFIGS: dict[tuple[int, int], dict] = {
+    (64, 64): dict(block_n=64, num_warps=4, num_stages=3, waves=8),
+    (128, 128): dict(block_n=64, num_warps=4, num_stages=3, waves=8),
+    (256, 256): dict(block_n=32, num_warps=4, num_stages=3, waves=8),
+}
+FALLBACK_CONFIG = dict(block_n=32, num_warps=4, num_stages=2, waves=8)
+
+
+def get_config(head_dim: int, group_size: int) -> dict:
+    return dict(DEFAULT_CONFIGS.get((head_dim, group_size), FALLBACK_CONFIG))
+
+
+@dataclass
+class DecodeWorkspace:
+    mid_o: torch.Tensor  # fp32 [B, Hq, S, D], split outputs (normalised, channel order)
+    mid_lse: torch.Tensor  # fp32 [B, Hq, S], split log2-sum-exp
+
+    @property
+    def max_splits(self) -> int:
+        return self.mid_o.shape[2]
+
+
+def alloc_workspace(max_batch, num_q_heads, head_dim, max_splits=MAX_SPLITS, device="cuda"):
+    mid_o = torch.empty(max_batch, num_q_heads, max_splits, head_dim, dtype=torch.float32, device=device)
+    mid_lse = torch.empty(max_batch, num_q_heads, max_splits, dtype=torch.float32, device=device)
+    return DecodeWorkspace(mid_o, mid_lse)
+
+
+_SM_COUNT: dict = {}
+
+
+def num_sms(device) -> int:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return DEFAULT_NUM_SMS
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SM_COUNT:
+        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM_COUNT[key]
+
+
+def choose_num_splits(batch, num_kv_heads, sms=DEFAULT_NUM_SMS, waves=8, max_kv_len=None,
+                      block_n=64, min_tiles_per_split=2, max_splits=MAX_SPLITS) -> int:
+    """Splits so that batch * kv_heads * splits ~ waves * SMs programs. Host-only inputs
+    (a max length hint only caps splits that would hold fewer than a few tiles)."""
+    progs = max(1, batch * num_kv_heads)
+    s = -(-waves * sms // progs)
+    if max_kv_len is not None:
+        s = min(s, max(1, -(-int(max_kv_len) // (block_n * min_tiles_per_split))))
+    return int(max(1, min(s, max_splits)))
+
+
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _hadamard_signs(rows, cols, BS: tl.constexpr, LOG_BS: tl.constexpr):
+    """+-1 (0 off the diagonal blocks) entries H_B[rows[:, None], cols[None, :]] * sqrt(B)."""
+    same = (rows[:, None] // BS) == (cols[None, :] // BS)
+    x = rows[:, None] & cols[None, :]
+    par = tl.zeros_like(x)
+    for k in tl.static_range(LOG_BS):
+        par = par ^ (x >> k)
+    par = par & 1
+    return tl.where(same, 1 - 2 * par, 0).to(tl.float16)
+
+
+@triton.jit
+def _store_out(o_ptrs_base, o_lo, o_hi, hmask, c_lo, c_hi,
+               ROT_V: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+               BS: tl.constexpr, LOG_BS: tl.constexpr, CH: tl.constexpr, inv_sqrt_bs):
+    """o (lo/hi halves, the stored basis) -> out in the original basis; o_ptrs_base [BLOCK_H]."""
+    dt = o_ptrs_base.dtype.element_ty
+    if ROT_V:
+        offs_j = tl.arange(0, HALF)
+        for cb in tl.static_range(D // CH):
+            cols = cb * CH + tl.arange(0, CH)
+            # out[:, c] = sum_j o_lo[:, j] H[c_lo(j), c] + o_hi[:, j] H[c_hi(j), c]
+            s_lo = _hadamard_signs(c_lo, cols, BS, LOG_BS).to(tl.float32)
+            s_hi = _hadamard_signs(c_hi, cols, BS, LOG_BS).to(tl.float32)
+            r = tl.dot(o_lo, s_lo, input_precision="tf32")
+            r = tl.dot(o_hi, s_hi, r, input_precision="tf32")
+            tl.store(o_ptrs_base[:, None] + cols[None, :], (r * inv_sqrt_bs).to(dt), mask=hmask[:, None])
+    else:
+        tl.store(o_ptrs_base[:, None] + c_lo[None, :], o_lo.to(dt), mask=hmask[:, None])
+        tl.store(o_ptrs_base[:, None] + c_hi[None, :], o_hi.to(dt), mask=hmask[:, None])
+
+
+@triton.jit
+def _nib_lo(c):
+    # low nibble -> fp16 (1024 + n), by bits
+    return ((c & 15).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _nib_hi(c):
+    return ((c >> 4).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, kd_ptr, ks_ptr, vd_ptr, vs_ptr, indptr_ptr, indices_ptr, lens_ptr,
+    out_ptr, mid_o_ptr, mid_lse_ptr,
+    sm_scale, logit_cap, inv_sqrt_bs,
+    stride_qb, stride_qh, stride_ob, stride_oh,
+    stride_kd_t, stride_kd_h, stride_ks_t, stride_ks_h,
+    stride_vd_t, stride_vd_h, stride_vs_t, stride_vs_h,
+    stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
+    NUM_SPLITS,
+    GQA: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, GS: tl.constexpr,
+    NG: tl.constexpr, BS: tl.constexpr, LOG_BS: tl.constexpr, CH: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROT_K: tl.constexpr, ROT_V: tl.constexpr, CAP: tl.constexpr, DIRECT: tl.constexpr,
+):
+    h = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = tl.program_id(2)
+    HALF: tl.constexpr = D // 2
+    GH: tl.constexpr = GS // 2
+
+    kv_len = tl.load(lens_ptr + b)
+    split_len = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = sp * split_len
+    end = tl.minimum(start + split_len, kv_len)
+    if not DIRECT:
+        if start >= end:
+            return
+
+    offs_h = tl.arange(0, BLOCK_H)
+    hmask = offs_h < GQA
+    qh = h * GQA + offs_h
+    offs_j = tl.arange(0, HALF)
+    c_lo = (offs_j // GH) * GS + offs_j % GH  # channel of the low nibble of byte j
+    c_hi = c_lo + GH
+
+    # ---- prologue: q (rotated into the K basis when K is rotated), fp16 lo/hi halves
+    q_row = q_ptr + b * stride_qb + qh * stride_qh
+    if ROT_K:
+        qr_lo = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
+        qr_hi = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
+        for cb in tl.static_range(D // CH):
+            rows = cb * CH + tl.arange(0, CH)
+            qb = tl.load(q_row[:, None] + rows[None, :], mask=hmask[:, None], other=0.0).to(tl.float16)
+            qr_lo = tl.dot(qb, _hadamard_signs(rows, c_lo, BS, LOG_BS), qr_lo)
+            qr_hi = tl.dot(qb, _hadamard_signs(rows, c_hi, BS, LOG_BS), qr_hi)
+        q_lo = (qr_lo * inv_sqrt_bs).to(tl.float16)
+        q_hi = (qr_hi * inv_sqrt_bs).to(tl.float16)
+    else:
+        q_lo = tl.load(q_row[:, None] + c_lo[None, :], mask=hmask[:, None], other=0.0).to(tl.float16)
+        q_hi = tl.load(q_row[:, None] + c_hi[None, :], mask=hmask[:, None], other=0.0).to(tl.float16)
+    sum_q = tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi.to(tl.float32), 1)
+    if CAP:
+        qk_scale = sm_scale
+    else:
+        qk_scale = sm_scale * 1.4426950408889634
+
+    req_base = tl.load(indptr_ptr + b).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    rb = tl.zeros([BLOCK_H], dtype=tl.float32)  # per-row V bias (folded path)
+    acc_lo = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
+    kd_head = kd_ptr + h * stride_kd_h
+    vd_head = vd_ptr + h * stride_vd_h
+    ks_head = ks_ptr + h * stride_ks_h
+    vs_head = vs_ptr + h * stride_vs_h
+
+    for n0 in range(start, end, BLOCK_N):
+        t = n0 + offs_n
+        nmask = t < end
+        # masked tokens read slot 0 (always a valid row): the data gathers need no mask
+        if PAGE == 1:
+            slot = tl.load(indices_ptr + req_base + t, mask=nmask, other=0).to(tl.int64)
+        else:
+            page = tl.load(indices_ptr + req_base + t // PAGE, mask=nmask, other=0).to(tl.int64)
+            slot = page * PAGE + t % PAGE
+        if NG == 1:
+            kc = tl.load(kd_head + slot[:, None] * stride_kd_t + offs_j[None, :])
+            k_s = tl.load(ks_head + slot * stride_ks_t).to(tl.float32)
+            k_m = tl.load(ks_head + slot * stride_ks_t + 1).to(tl.float32)
+            qk = tl.dot(q_lo, tl.trans(_nib_lo(kc)))
+            qk = tl.dot(q_hi, tl.trans(_nib_hi(kc)), qk)
+            s = qk * k_s[None, :] + sum_q[:, None] * (k_m - 1024.0 * k_s)[None, :]
+        else:
+            offs_g = tl.arange(0, NG)
+            offs_jj = tl.arange(0, GH)
+            byte3 = offs_g[None, :, None] * GH + offs_jj[None, None, :]
+            kc = tl.load(kd_head + slot[:, None, None] * stride_kd_t + byte3)
+            sc_ptr = ks_head + slot[:, None] * stride_ks_t + offs_g[None, :] * 2
+            k_s = tl.load(sc_ptr)[:, :, None]
+            k_m = tl.load(sc_ptr + 1)[:, :, None]
+            k_lo = tl.reshape(((_nib_lo(kc) - 1024.0) * k_s + k_m).to(tl.float16), [BLOCK_N, HALF])
+            k_hi = tl.reshape(((_nib_hi(kc) - 1024.0) * k_s + k_m).to(tl.float16), [BLOCK_N, HALF])
+            s = tl.dot(q_lo, tl.trans(k_lo))
+            s = tl.dot(q_hi, tl.trans(k_hi), s)
+        s = s * qk_scale
+        if CAP:
+            # cap * tanh(s / cap), then log2 e for exp2
+            e = tl.exp2((-2.0 * 1.4426950408889634 / logit_cap) * s)
+            s = logit_cap * (2.0 / (1.0 + e) - 1.0) * 1.4426950408889634
+        s = tl.where(nmask[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+
+        if NG == 1:
+            vc = tl.load(vd_head + slot[:, None] * stride_vd_t + offs_j[None, :])
+            v_s = tl.load(vs_head + slot * stride_vs_t).to(tl.float32)
+            v_m = tl.load(vs_head + slot * stride_vs_t + 1).to(tl.float32)
+            ps = (p * v_s[None, :]).to(tl.float16)
+            acc_lo = tl.dot(ps, _nib_lo(vc), acc_lo * alpha[:, None])
+            acc_hi = tl.dot(ps, _nib_hi(vc), acc_hi * alpha[:, None])
+            rb = rb * alpha + tl.sum(p * v_m[None, :], 1) - 1024.0 * tl.sum(ps.to(tl.float32), 1)
+        else:
+            vc = tl.load(vd_head + slot[:, None, None] * stride_vd_t + byte3)
+            sc_ptr = vs_head + slot[:, None] * stride_vs_t + offs_g[None, :] * 2
+            v_s = tl.load(sc_ptr)[:, :, None]
+            v_m = tl.load(sc_ptr + 1)[:, :, None]
+            v_lo = tl.reshape(((_nib_lo(vc) - 1024.0) * v_s + v_m).to(tl.float16), [BLOCK_N, HALF])
+            v_hi = tl.reshape(((_nib_hi(vc) - 1024.0) * v_s + v_m).to(tl.float16), [BLOCK_N, HALF])
+            p16 = p.to(tl.float16)
+            acc_lo = tl.dot(p16, v_lo, acc_lo * alpha[:, None])
+            acc_hi = tl.dot(p16, v_hi, acc_hi * alpha[:, None])
+
+    if DIRECT:
+        inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
+        o_lo = (acc_lo + rb[:, None]) * inv_l[:, None]
+        o_hi = (acc_hi + rb[:, None]) * inv_l[:, None]
+        _store_out(out_ptr + b * stride_ob + qh * stride_oh, o_lo, o_hi, hmask, c_lo, c_hi,
+                   ROT_V, D, HALF, BS, LOG_BS, CH, inv_sqrt_bs)
+    else:
+        inv_l = 1.0 / l_i
+        o_lo = (acc_lo + rb[:, None]) * inv_l[:, None]
+        o_hi = (acc_hi + rb[:, None]) * inv_l[:, None]
+        mo = mid_o_ptr + b * stride_mo_b + qh * stride_mo_h + sp * stride_mo_s
+        tl.store(mo[:, None] + c_lo[None, :], o_lo, mask=hmask[:, None])
+        tl.store(mo[:, None] + c_hi[None, :], o_hi, mask=hmask[:, None])
+        tl.store(mid_lse_ptr + b * stride_ml_b + qh * stride_ml_h + sp, m_i + tl.log2(l_i), mask=hmask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    out_ptr, mid_o_ptr, mid_lse_ptr, lens_ptr, inv_sqrt_bs,
+    stride_ob, stride_oh, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
+    NUM_SPLITS,
+    GQA: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, GS: tl.constexpr,
+    BS: tl.constexpr, LOG_BS: tl.constexpr, CH: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROT_V: tl.constexpr,
+):
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    HALF: tl.constexpr = D // 2
+    GH: tl.constexpr = GS // 2
+    kv_len = tl.load(lens_ptr + b)
+    split_len = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    n_act = tl.cdiv(kv_len, tl.maximum(split_len, 1))
+
+    offs_h = tl.arange(0, BLOCK_H)
+    hmask = offs_h < GQA
+    qh = h * GQA + offs_h
+    offs_j = tl.arange(0, HALF)
+    c_lo = (offs_j // GH) * GS + offs_j % GH
+    c_hi = c_lo + GH
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc_lo = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
+    mo = mid_o_ptr + b * stride_mo_b + qh * stride_mo_h
+    ml = mid_lse_ptr + b * stride_ml_b + qh * stride_ml_h
+    for sp in range(0, n_act):
+        lse = tl.load(ml + sp, mask=hmask, other=0.0)
+        m_new = tl.maximum(m_i, lse)
+        alpha = tl.exp2(m_i - m_new)
+        w = tl.exp2(lse - m_new)
+        o_lo = tl.load(mo[:, None] + sp * stride_mo_s + c_lo[None, :], mask=hmask[:, None], other=0.0)
+        o_hi = tl.load(mo[:, None] + sp * stride_mo_s + c_hi[None, :], mask=hmask[:, None], other=0.0)
+        acc_lo = acc_lo * alpha[:, None] + w[:, None] * o_lo
+        acc_hi = acc_hi * alpha[:, None] + w[:, None] * o_hi
+        l_i = l_i * alpha + w
+        m_i = m_new
+    inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
+    _store_out(out_ptr + b * stride_ob + qh * stride_oh, acc_lo * inv_l[:, None],
+               acc_hi * inv_l[:, None], hmask, c_lo, c_hi, ROT_V, D, HALF, BS, LOG_BS, CH, inv_sqrt_bs)
+
+
+# --------------------------------------------------------------------------------------
+def _check(q, k_data, k_scales, v_data, v_scales, fmt: Int4KVFormat):
+    if q.dim() != 3:
+        raise ValueError(f"q must be [batch, q_heads, head_dim], got {tuple(q.shape)}")
+    b, hq, d = q.shape
+    if d != fmt.head_dim:
+        raise ValueError(f"q head_dim {d} != format head_dim {fmt.head_dim}")
+    hkv = k_data.shape[1]
+    if hq % hkv:
+        raise ValueError(f"q heads {hq} not a multiple of kv heads {hkv}")
+    gs = fmt.group_size
+    if d not in (64, 128, 256) or gs < 4 or gs & (gs - 1):
+        raise ValueError(
+            f"decode kernel supports head_dim 64/128/256 and power-of-two group sizes >= 4 "
+            f"(got head_dim {d}, group {gs})")
+    for name, t, shape in (("k_data", k_data, fmt.data_shape(k_data.shape[0], hkv)),
+                           ("v_data", v_data, fmt.data_shape(v_data.shape[0], hkv)),
+                           ("k_scales", k_scales, fmt.scale_shape(k_scales.shape[0], hkv)),
+                           ("v_scales", v_scales, fmt.scale_shape(v_scales.shape[0], hkv))):
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if t.stride(-1) != 1 or (t.dim() == 4 and t.stride(-2) != 2):
+            raise ValueError(f"{name} must be contiguous in its last dims")
+    if q.stride(-1) != 1:
+        raise ValueError("q must be contiguous in head_dim")
+    return b, hq, hkv, d
+
+
+def decode_attention(
+    q, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv_lens,
+    fmt: Int4KVFormat, sm_scale: float, page_size: int = 1, logit_cap: float = 0.0,
+    out=None, workspace: DecodeWorkspace | None = None, num_splits: int | None = None, *,
+    max_kv_len: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+    num_stages: int | None = None, waves: int | None = None,
+):
+    """INT4 paged decode attention. q [B, Hq, D] (original basis) -> out [B, Hq, D] q.dtype.
+
+    kv_indices hold token slots (page_size 1) or page ids; kv_lens [B] int32 token counts.
+    Graph-capturable when `workspace` and `num_splits` are given (nothing is allocated
+    and nothing is read back). Tuning knobs default to DEFAULT_CONFIGS[(D, group)]."""
+    bsz, hq, hkv, d = _check(q, k_data, k_scales, v_data, v_scales, fmt)
+    cfg = get_config(d, fmt.group_size)
+    block_n = block_n or cfg["block_n"]
+    num_warps = num_warps or cfg["num_warps"]
+    num_stages = num_stages or cfg["num_stages"]
+    if num_splits is None:
+        num_splits = choose_num_splits(bsz, hkv, num_sms(q.device), waves or cfg["waves"],
+                                       max_kv_len, block_n,
+                                       max_splits=workspace.max_splits if workspace else MAX_SPLITS)
+    num_splits = int(num_splits)
+    if out is None:
+        out = torch.empty_like(q)
+    if bsz == 0:
+        return out
+    gqa = hq // hkv
+    block_h = max(16, triton.next_power_of_2(gqa))
+    bs = fmt.block_size
+    ch = min(d, 64)
+    direct = num_splits == 1
+    if direct:
+        mid_o = mid_lse = out  # unused
+        smo = (0, 0, 0)
+        sml = (0, 0)
+    else:
+        if workspace is None:
+            workspace = alloc_workspace(bsz, hq, d, num_splits, q.device)
+        if (workspace.max_splits < num_splits or workspace.mid_o.shape[0] < bsz
+                or workspace.mid_o.shape[1] != hq or workspace.mid_o.shape[3] != d):
+            raise ValueError(f"workspace {tuple(workspace.mid_o.shape)} too small for batch {bsz}, "
+                             f"{hq} heads, D {d}, {num_splits} splits")
+        mid_o, mid_lse = workspace.mid_o, workspace.mid_lse
+        smo = mid_o.stride()[:3]
+        sml = mid_lse.stride()[:2]
+    common = dict(GQA=gqa, BLOCK_H=block_h, D=d, GS=fmt.group_size, BS=bs,
+                  LOG_BS=int(math.log2(bs)), CH=ch, BLOCK_N=block_n)
+    _decode_split_kernel[(hkv, num_splits, bsz)](
+        q, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv_lens,
+        out, mid_o, mid_lse,
+        float(sm_scale), float(logit_cap), 1.0 / math.sqrt(bs),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_data.stride(0), k_data.stride(1), k_scales.stride(0), k_scales.stride(1),
+        v_data.stride(0), v_data.stride(1), v_scales.stride(0), v_scales.stride(1),
+        *smo, *sml, num_splits,
+        NG=fmt.num_groups, PAGE=int(page_size), ROT_K=fmt.k_rotated, ROT_V=fmt.v_rotated,
+        CAP=logit_cap > 0, DIRECT=direct, num_warps=num_warps, num_stages=num_stages, **common,
+    )
+    if not direct:
+        _decode_reduce_kernel[(hkv, bsz)](
+            out, mid_o, mid_lse, kv_lens, 1.0 / math.sqrt(bs),
+            out.stride(0), out.stride(1), *smo, *sml, num_splits,
+            ROT_V=fmt.v_rotated, num_warps=4, num_stages=2, **common,
+        )
+    return out
