@@ -267,7 +267,7 @@ def _decode_split_kernel(
             acc_hi = tl.dot(p16, v_hi, acc_hi * alpha[:, None])
 
     if DIRECT:
-        inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
+        inv_l = tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
         o_lo = (acc_lo + rb[:, None]) * inv_l[:, None]
         o_hi = (acc_hi + rb[:, None]) * inv_l[:, None]
         _store_out(out_ptr + b * stride_ob + qh * stride_oh, o_lo, o_hi, hmask, c_lo, c_hi,
@@ -323,7 +323,7 @@ def _decode_reduce_kernel(
         acc_hi = acc_hi * alpha[:, None] + w[:, None] * o_hi
         l_i = l_i * alpha + w
         m_i = m_new
-    inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
+    inv_l = tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
     _store_out(out_ptr + b * stride_ob + qh * stride_oh, acc_lo * inv_l[:, None],
                acc_hi * inv_l[:, None], hmask, c_lo, c_hi, ROT_V, D, HALF, BS, LOG_BS, CH, inv_sqrt_bs)
 

@@ -1,0 +1,106 @@
+"""INT4 split-KV decode attention (Triton, interpreter on CPU) vs the fp32 reference.
+
+Tolerance: the kernel feeds fp16 operands to the dots (q rounded to fp16: rel. 2^-11;
+p and p*scale_v rounded to fp16; with groups smaller than head_dim the dequantised K/V
+are fp16 too) and accumulates in fp32. Against outputs of size ~0.3-1 that is a few 1e-3
+at worst, so we require max |err| <= 2e-2 and relative Frobenius error <= 5e-3 vs the
+fp32 reference over the same quantised cache (the quantisation error itself is common
+to both and does not count). A wrong slot, nibble, scale or split merge gives errors
+of order 1e-1..1.
+"""
+
+import pytest
+import torch
+
+from decode_cases import errors, make_case
+from saw_sglang.kernels import reference as ref
+from saw_sglang.kernels.decode import (alloc_workspace, choose_num_splits, decode_attention)
+
+MAX_ABS, MAX_REL = 2e-2, 5e-3
+
+
+def check(case, sm_scale=None, logit_cap=0.0, splits=(1, 3), block_n=16, **kw):
+    d = case["q"].shape[-1]
+    sm_scale = sm_scale or ref.default_sm_scale(d)
+    expect = ref.decode_attention_ref(sm_scale=sm_scale, logit_cap=logit_cap, **case)
+    outs = []
+    for s in splits:
+        out = decode_attention(sm_scale=sm_scale, logit_cap=logit_cap, num_splits=s,
+                               block_n=block_n, **case, **kw)
+        assert out.dtype == case["q"].dtype and out.shape == case["q"].shape
+        mx, rel = errors(out, expect)
+        assert mx <= MAX_ABS and rel <= MAX_REL, (s, mx, rel)
+        outs.append(out.float())
+    for o in outs[1:]:  # several split counts give the same result
+        assert (o - outs[0]).abs().max().item() <= 1e-2
+    return outs[0]
+
+
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gqa_ratios_and_head_dims(hq, hkv, d):
+    check(make_case([37, 9], hq, hkv, d, rotation="none", seed=hq + d))
+
+
+@pytest.mark.parametrize("rotation, rotate_v", [("none", False), ("hadamard", False), ("hadamard", True)])
+@pytest.mark.parametrize("group", [None, 32])
+def test_rotation_modes_and_group_sizes(rotation, rotate_v, group):
+    check(make_case([45, 18], 8, 2, 64, group=group, rotation=rotation, rotate_v=rotate_v, seed=3))
+
+
+def test_head_dim_128_group_32_rotated_kv():
+    check(make_case([29, 50], 4, 1, 128, group=32, rotate_v=True, seed=5))
+
+
+@pytest.mark.parametrize("page", [1, 16])
+def test_page_sizes_ragged_batch_with_empty_request(page):
+    case = make_case([70, 0, 17], 8, 2, 64, page=page, rotate_v=True, seed=7)
+    out = check(case, splits=(1, 2, 5))
+    assert out[1].abs().max().item() == 0.0  # kv_len 0 -> output 0
+
+
+def test_repeated_slots():
+    check(make_case([40, 33], 8, 2, 64, repeat=True, seed=11))
+
+
+def test_small_hadamard_block():
+    case = make_case([40], 4, 2, 64, seed=12)
+    fmt = case["fmt"].__class__(head_dim=64, block_size=16, rotate_v=True)
+    rows = case["k_data"].shape[0]
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(rows, 2, 64, generator=g), torch.randn(rows, 2, 64, generator=g)
+    ref.quantize_and_store_ref(k, v, torch.arange(rows), case["k_data"], case["k_scales"],
+                               case["v_data"], case["v_scales"], fmt)
+    check({**case, "fmt": fmt})
+
+
+@pytest.mark.parametrize("cap", [5.0, 30.0])
+def test_logit_cap(cap):
+    check(make_case([33, 12], 8, 2, 64, seed=13), sm_scale=0.3, logit_cap=cap)
+
+
+def test_bf16_queries_workspace_and_out_buffer():
+    case = make_case([24, 51], 8, 2, 64, dtype=torch.bfloat16, seed=17)
+    ws = alloc_workspace(4, 8, 64, 8, "cpu")
+    out = torch.full_like(case["q"], float("nan"))
+    expect = ref.decode_attention_ref(sm_scale=0.125, **case)
+    res = decode_attention(sm_scale=0.125, out=out, workspace=ws, num_splits=4, block_n=16, **case)
+    assert res.data_ptr() == out.data_ptr()
+    mx, rel = errors(out, expect)
+    assert mx <= 3e-2 and rel <= 8e-3  # bf16 output rounding (2^-8) on top
+
+
+def test_split_policy_is_host_only_and_bounded():
+    assert choose_num_splits(1, 8, 132) == 64
+    assert choose_num_splits(256, 8, 132) == 1
+    assert choose_num_splits(16, 8, 132, waves=8) == 9
+    assert choose_num_splits(1, 8, 132, max_kv_len=100, block_n=64) == 1
+    assert all(1 <= choose_num_splits(b, 8, 132) <= 64 for b in (1, 2, 3, 7, 64, 1000))
+
+
+def test_bad_inputs_are_refused():
+    case = make_case([8], 8, 2, 64, seed=1)
+    with pytest.raises(ValueError, match="head_dim"):
+        decode_attention(**{**case, "q": case["q"][..., :32]}, sm_scale=0.1)
+    with pytest.raises(ValueError, match="workspace"):
+        decode_attention(**case, sm_scale=0.1, num_splits=8, workspace=alloc_workspace(1, 8, 64, 4, "cpu"))
