@@ -1,0 +1,97 @@
+"""INT4 decode attention on the GPU at real sizes, and CUDA-graph capture + replay.
+Same tolerances as tests/test_decode.py (see its docstring)."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from decode_cases import errors, make_case  # noqa: E402
+from saw_sglang.kernels import reference as ref  # noqa: E402
+from saw_sglang.kernels.decode import alloc_workspace, decode_attention  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+MAX_ABS, MAX_REL = 2e-2, 5e-3
+
+
+def run_check(case, splits=(None, 1, 7), logit_cap=0.0, **kw):
+    sm = ref.default_sm_scale(case["q"].shape[-1])
+    expect = ref.decode_attention_ref(sm_scale=sm, logit_cap=logit_cap, **case)
+    for s in splits:
+        out = decode_attention(sm_scale=sm, logit_cap=logit_cap, num_splits=s, **case, **kw)
+        mx, rel = errors(out, expect)
+        tol = 2 if case["q"].dtype == torch.bfloat16 else 1
+        assert mx <= MAX_ABS * tol and rel <= MAX_REL * tol, (s, mx, rel)
+
+
+def ragged(b, ctx, seed):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, ctx + 1, (b,), generator=g).tolist()
+    lens[0] = ctx
+    if b > 2:
+        lens[1] = 0
+    return lens
+
+
+@pytest.mark.parametrize("b, ctx", [(1, 8192), (16, 4096), (64, 2048)])
+@pytest.mark.parametrize("page", [1, 16])
+@pytest.mark.parametrize("rot", ["none", "k", "kv"])
+def test_real_sizes_d128(b, ctx, page, rot):
+    case = make_case(ragged(b, ctx, b + page), 32, 8, 128, page=page,
+                     rotation="none" if rot == "none" else "hadamard", rotate_v=rot == "kv",
+                     dtype=torch.bfloat16, device="cuda", seed=b)
+    run_check(case)
+
+
+@pytest.mark.parametrize("d, group, hq, hkv", [(64, 64, 9, 3), (64, 32, 16, 2), (256, 256, 16, 4),
+                                               (128, 32, 32, 8), (128, 64, 8, 8)])
+def test_head_dims_groups_gqa(d, group, hq, hkv):
+    case = make_case(ragged(12, 3000, d), hq, hkv, d, group=group, rotate_v=True,
+                     dtype=torch.float16, device="cuda", seed=d + group)
+    run_check(case)
+
+
+def test_logit_cap_and_tuning_knobs():
+    case = make_case(ragged(8, 5000, 3), 32, 8, 128, dtype=torch.bfloat16, device="cuda", seed=3)
+    run_check(case, logit_cap=30.0)
+    for bn, nw, ns in [(32, 4, 2), (128, 8, 4), (64, 8, 3)]:
+        run_check(case, splits=(4,), block_n=bn, num_warps=nw, num_stages=ns)
+
+
+def test_cuda_graph_capture_and_replay_with_changing_inputs():
+    b, hq, hkv, d, max_ctx, page = 16, 32, 8, 128, 4096, 16
+    pool = make_case([max_ctx] * b, hq, hkv, d, page=page, rotate_v=True,
+                     dtype=torch.bfloat16, device="cuda", seed=1)
+    n_pages = pool["k_data"].shape[0] // page
+    static = dict(pool)  # static q / indptr / indices / lens buffers, refilled before each replay
+    static.update(q=pool["q"].clone(), kv_indptr=pool["kv_indptr"].clone(),
+                  kv_indices=pool["kv_indices"].clone(), kv_lens=pool["kv_lens"].clone())
+    ws = alloc_workspace(b, hq, d, 32, "cuda")
+    out = torch.empty_like(static["q"])
+    sm = ref.default_sm_scale(d)
+    call = dict(sm_scale=sm, out=out, workspace=ws, num_splits=20, **static)
+    decode_attention(**call)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode_attention(**call)
+    g = torch.Generator().manual_seed(5)
+    for step in range(4):
+        lens = torch.randint(0, max_ctx + 1, (b,), generator=g)
+        lens[step] = max_ctx
+        pages = (lens + page - 1) // page
+        indptr = torch.zeros(b + 1, dtype=torch.int32)
+        indptr[1:] = torch.cumsum(pages, 0)
+        idx = (torch.randperm(n_pages - 1, generator=g)[: int(indptr[-1])] + 1).to(torch.int32)
+        static["kv_indices"].zero_()
+        static["kv_indices"][: idx.numel()].copy_(idx)
+        static["kv_indptr"].copy_(indptr)
+        static["kv_lens"].copy_(lens.to(torch.int32))
+        static["q"].copy_(torch.randn(b, hq, d, generator=g).to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        expect = ref.decode_attention_ref(**{**static, "sm_scale": sm})
+        mx, rel = errors(out, expect)
+        assert mx <= 2 * MAX_ABS and rel <= 2 * MAX_REL, (step, mx, rel)
