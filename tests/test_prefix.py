@@ -22,8 +22,9 @@ O_TOL = dict(atol=6e-3, rtol=1.6e-2)
 LSE_ATOL = 3e-3
 
 
-def make_cache(fmt, hkv, prefix_lens, page, gen, spare_pages=7):
-    """Pool with the prefixes at scattered slots (a random permutation of a larger pool)."""
+def make_cache(fmt, hkv, prefix_lens, page, gen, spare_pages=7, device="cpu"):
+    """Pool with the prefixes at scattered slots (a random permutation of a larger pool).
+    Built on the CPU (seeded), then moved to `device`; dense_k/v stay on the CPU."""
     npages = [-(-n // page) for n in prefix_lens]
     pool_pages = sum(npages) + spare_pages
     perm = torch.randperm(pool_pages, generator=gen)
@@ -46,14 +47,15 @@ def make_cache(fmt, hkv, prefix_lens, page, gen, spare_pages=7):
         ref.quantize_and_store_ref(k, v, slots, kd, ks, vd, vs, fmt)
         dense_k.append(ref.dequantize_ref(kd, ks, slots, fmt, fmt.k_rotated, torch.float32))
         dense_v.append(ref.dequantize_ref(vd, vs, slots, fmt, fmt.v_rotated, torch.float32))
-    return (kd, ks, vd, vs, kv_indptr, kv_indices, kv_lens), dense_k, dense_v
+    cache = tuple(t.to(device) for t in (kd, ks, vd, vs, kv_indptr, kv_indices, kv_lens))
+    return cache, dense_k, dense_v
 
 
-def make_queries(q_lens, hq, d, gen, dtype=torch.bfloat16):
+def make_queries(q_lens, hq, d, gen, dtype=torch.bfloat16, device="cpu"):
     qo = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
     qo[1:] = torch.tensor(q_lens).cumsum(0)
     q = torch.randn(int(qo[-1]), hq, d, generator=gen).to(dtype)
-    return q, qo
+    return q.to(device), qo.to(device)
 
 
 def check(q, qo, cache, fmt, page, cap=0.0, **kw):
