@@ -22,6 +22,10 @@ Rotation: q . H_B is a dot with an exact +-1 Sylvester matrix built from index b
 (H[i, j] = (-1)^popcount(i & j) inside a B-block), times 1/sqrt(B) in fp32; when V
 was stored rotated, the output is rotated back the same way before the store.
 
+Few query blocks over long prefixes (a short extend on a long cached context) would
+leave most SMs idle: the prefix is then split into slices, each program writes an
+fp32 partial (o, lse), and the slices are merged by log-sum-exp.
+
 LSE: natural log, -inf (with o = 0) where the prefix is empty. FlashInfer's
 `merge_state` / `return_lse` use base 2 (its state keeps m + log2(d) and merges with
 exp2): convert with `to_flashinfer_lse` before mixing with FlashInfer states.
@@ -29,6 +33,7 @@ exp2): convert with `to_flashinfer_lse` before mixing with FlashInfer states.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -80,10 +85,10 @@ def _prefix_attn_kernel(
     Q, O, LSE,
     QO_INDPTR, KV_INDPTR, KV_INDICES, KV_LENS,
     KD, KS, VD, VS,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh,
+    stride_qt, stride_qh, stride_os, stride_ot, stride_oh, stride_ls, stride_lt, stride_lh,
     stride_kdr, stride_kdh, stride_ksr, stride_ksh, stride_ksg,
     stride_vdr, stride_vdh, stride_vsr, stride_vsh, stride_vsg,
-    q_scale, logit_cap,
+    q_scale, logit_cap, num_splits,
     GQA: tl.constexpr, GQA_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, PAGE: tl.constexpr,
     ROT_K: tl.constexpr, ROT_V: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr,
@@ -91,7 +96,8 @@ def _prefix_attn_kernel(
 ):
     kvh = tl.program_id(0)
     qb = tl.program_id(1)
-    req = tl.program_id(2)
+    req = tl.program_id(2) // num_splits
+    split = tl.program_id(2) % num_splits
     MR: tl.constexpr = BLOCK_M * GQA_PAD
     D2: tl.constexpr = D // 2
     G2: tl.constexpr = G // 2
@@ -102,6 +108,10 @@ def _prefix_attn_kernel(
     if tok0 >= q_len:
         return
     kv_len = tl.load(KV_LENS + req)
+    # split-KV: this program takes a BLOCK_N-aligned slice of the prefix
+    per_split = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
+    kv_lo = split * per_split
+    kv_hi = tl.minimum(kv_lo + per_split, kv_len)
     kv_base = tl.load(KV_INDPTR + req).to(tl.int64)
 
     rows = tl.arange(0, MR)
@@ -141,9 +151,9 @@ def _prefix_attn_kernel(
     acc_min = tl.zeros([MR], dtype=tl.float32)  # p @ min_v (NG == 1)
     grp = tl.arange(0, NG)
 
-    for start in range(0, kv_len, BLOCK_N):
+    for start in range(kv_lo, kv_hi, BLOCK_N):
         t = start + tl.arange(0, BLOCK_N)
-        t_ok = t < kv_len
+        t_ok = t < kv_hi
         if PAGE == 1:
             slot = tl.load(KV_INDICES + kv_base + t, mask=t_ok, other=0).to(tl.int64)
         else:
@@ -209,7 +219,7 @@ def _prefix_attn_kernel(
     inv_l = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
     o_lo = (acc_lo + acc_min[:, None]) * inv_l[:, None]
     o_hi = (acc_hi + acc_min[:, None]) * inv_l[:, None]
-    o_row = O + (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
+    o_row = O + split * stride_os + (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
     if ROT_V:
         o_lo16 = o_lo.to(tl.float16)
         o_hi16 = o_hi.to(tl.float16)
@@ -224,7 +234,7 @@ def _prefix_attn_kernel(
         tl.store(o_row[:, None] + d_hi[None, :], o_hi.to(O.dtype.element_ty), mask=row_ok[:, None])
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
-    lse_ptr = LSE + (q_start + tok).to(tl.int64) * stride_lt + head * stride_lh
+    lse_ptr = LSE + split * stride_ls + (q_start + tok).to(tl.int64) * stride_lt + head * stride_lh
     tl.store(lse_ptr, lse, mask=row_ok)
 
 
@@ -246,7 +256,8 @@ def _launch_config(head_dim: int, gqa_pad: int, on_gpu: bool):
 def prefix_attention(
     q, qo_indptr, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv_lens,
     fmt: Int4KVFormat, sm_scale: float, page_size: int = 1, logit_cap: float = 0.0,
-    max_q_len: int | None = None, *, block_rows: int | None = None, block_n: int | None = None,
+    max_q_len: int | None = None, max_kv_len: int | None = None, num_splits: int | None = None,
+    *, block_rows: int | None = None, block_n: int | None = None,
 ):
     """Extend queries q [Nq, Hq, D] (original basis) over their cached INT4 prefixes.
 
@@ -255,6 +266,9 @@ def prefix_attention(
     token t sits at slot kv_indices[kv_indptr[b] + t // P] * P + t % P); kv_lens [B]
     prefix token counts. max_q_len: the largest per-request query count if the caller
     knows it on the host (avoids a device sync); it must not be smaller than the truth.
+    max_kv_len: optional host-known longest prefix, only used to size the split count.
+    num_splits: split each prefix into this many slices (None: enough programs to fill
+    the GPU when there are few query blocks); slices are merged by log-sum-exp.
 
     Returns (o [Nq, Hq, D] in q.dtype, lse [Nq, Hq] fp32, natural log); a request with
     an empty prefix gets o = 0 and lse = -inf, so a log-sum-exp merge returns the other
@@ -296,18 +310,59 @@ def prefix_attention(
     use_cap = logit_cap > 0
     if not use_cap:
         q_scale *= LOG2E  # scores go straight into exp2
-    grid = (hkv, triton.cdiv(max_q_len, block_m), batch)
+    n_qb = triton.cdiv(max_q_len, block_m)
+    if num_splits is None:
+        num_splits = _auto_splits(hkv * n_qb * batch, max_kv_len, q.device)
+    num_splits = max(1, int(num_splits))
+    if num_splits == 1:
+        o_buf, lse_buf, s_o, s_l = o, lse, 0, 0
+    else:
+        o_buf = torch.empty((num_splits, nq, hq, d), dtype=torch.float32, device=q.device)
+        lse_buf = torch.empty((num_splits, nq, hq), dtype=torch.float32, device=q.device)
+        s_o, s_l = o_buf.stride(0), lse_buf.stride(0)
+    grid = (hkv, n_qb, batch * num_splits)
     _prefix_attn_kernel[grid](
-        q, o, lse, qo_indptr, kv_indptr, kv_indices, kv_lens,
+        q, o_buf, lse_buf, qo_indptr, kv_indptr, kv_indices, kv_lens,
         k_data, k_scales, v_data, v_scales,
-        q.stride(0), q.stride(1), o.stride(0), o.stride(1), lse.stride(0), lse.stride(1),
+        q.stride(0), q.stride(1), s_o, o.stride(0), o.stride(1), s_l, lse.stride(0), lse.stride(1),
         k_data.stride(0), k_data.stride(1), k_scales.stride(0), k_scales.stride(1), k_scales.stride(2),
         v_data.stride(0), v_data.stride(1), v_scales.stride(0), v_scales.stride(1), v_scales.stride(2),
-        float(q_scale), float(logit_cap),
+        float(q_scale), float(logit_cap), num_splits,
         GQA=gqa, GQA_PAD=gqa_pad, BLOCK_M=block_m, BLOCK_N=bn,
         D=d, G=fmt.group_size, NG=fmt.num_groups, PAGE=page_size,
         ROT_K=rot_k, ROT_V=rot_v, B=b, LOG2B=max(1, b.bit_length() - 1),
         KC=min(d, 64), USE_CAP=use_cap,
         num_warps=warps, num_stages=stages,
     )
+    if num_splits > 1:
+        _merge_splits(o_buf, lse_buf, o, lse)
     return o, lse
+
+
+def _merge_splits(o_buf, lse_buf, o, lse):
+    """Log-sum-exp merge of the per-slice partial states (empty slices: lse -inf, o 0)."""
+    m = lse_buf.amax(0)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lse_buf - m)
+    den = w.sum(0)
+    o.copy_((o_buf * w.unsqueeze(-1)).sum(0) / den.clamp_min(1e-30).unsqueeze(-1))
+    lse.copy_(torch.where(den > 0, m + torch.log(den), torch.full_like(den, float("-inf"))))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _auto_splits(programs: int, max_kv_len: int | None, device) -> int:
+    """Few query blocks over long prefixes would leave most SMs idle: split the prefix
+    (at most 16 slices, at least 512 prefix tokens each when max_kv_len is known)."""
+    if device.type != "cuda":
+        return 1
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= sms:
+        return 1
+    s = min(16, triton.cdiv(sms, programs))
+    if max_kv_len is not None:
+        s = min(s, max(1, triton.cdiv(max_kv_len, 512)))
+    return s

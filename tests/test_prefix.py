@@ -195,3 +195,15 @@ def test_bad_shapes_are_refused():
     small = Int4KVFormat(head_dim=64, group_size=16)
     with pytest.raises(ValueError, match="group size"):
         prefix_attention(torch.zeros(1, 2, 64), qo, kd, ks, kd, ks, z, z, z[:1], small, 0.1)
+
+
+@pytest.mark.parametrize("splits, rot_v", [(3, False), (5, True)])
+def test_split_kv_matches_reference(splits, rot_v):
+    """Prefix slices merged by log-sum-exp; some slices are empty (short prefixes)."""
+    gen = torch.Generator().manual_seed(20 + splits)
+    d, hq, hkv = 64, 4, 2
+    fmt = Int4KVFormat(head_dim=d, group_size=32, rotate_v=rot_v)
+    q_lens, prefix_lens = [3, 1, 2], [70, 9, 0]
+    cache, _, _ = make_cache(fmt, hkv, prefix_lens, 16, gen)
+    q, qo = make_queries(q_lens, hq, d, gen)
+    check(q, qo, cache, fmt, 16, num_splits=splits)

@@ -55,6 +55,29 @@ def test_head_dims_groups_gqa(d, g, hq, hkv, rot, cap):
     check(q, qo, cache, fmt, 16, cap)
 
 
+@pytest.mark.parametrize("rot", ["k", "kv"])
+def test_split_kv_few_queries_long_prefix(rot):
+    """Few query blocks over long prefixes: the automatic split count fills the GPU; the
+    merged result matches the reference and the unsplit kernel. Prints both times."""
+    from triton.testing import do_bench
+
+    gen = torch.Generator().manual_seed(9)
+    fmt = fmt_for(128, 128, rot)
+    q_lens, prefix_lens = [16, 1, 40], [8000, 3000, 0]
+    cache, _, _ = make_cache(fmt, 8, prefix_lens, 16, gen, spare_pages=50, device=DEV)
+    q, qo = make_queries(q_lens, 32, 128, gen, device=DEV)
+    o, lse = check(q, qo, cache, fmt, 16, max_q_len=40, max_kv_len=8000)
+    o1, lse1 = prefix_attention(q, qo, *cache, fmt, 128**-0.5, page_size=16, num_splits=1)
+    torch.testing.assert_close(o.float(), o1.float(), **O_TOL)
+    torch.testing.assert_close(lse, lse1, atol=LSE_ATOL, rtol=0)
+    ms_auto = do_bench(lambda: prefix_attention(q, qo, *cache, fmt, 128**-0.5, page_size=16,
+                                                max_q_len=40, max_kv_len=8000))
+    ms_one = do_bench(lambda: prefix_attention(q, qo, *cache, fmt, 128**-0.5, page_size=16,
+                                               max_q_len=40, num_splits=1))
+    print(f"\nfew queries over 8000/3000 prefix ({rot}): auto split {ms_auto:.3f} ms, "
+          f"no split {ms_one:.3f} ms")
+
+
 def test_empty_batch_and_empty_prefixes_on_gpu():
     gen = torch.Generator().manual_seed(1)
     fmt = fmt_for(128, 128, "k")
