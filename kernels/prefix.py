@@ -88,7 +88,7 @@ def _prefix_attn_kernel(
     stride_qt, stride_qh, stride_os, stride_ot, stride_oh, stride_ls, stride_lt, stride_lh,
     stride_kdr, stride_kdh, stride_ksr, stride_ksh, stride_ksg,
     stride_vdr, stride_vdh, stride_vsr, stride_vsh, stride_vsg,
-    q_scale, logit_cap, num_splits,
+    q_scale, o_scale, logit_cap, num_splits,
     GQA: tl.constexpr, GQA_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, PAGE: tl.constexpr,
     ROT_K: tl.constexpr, ROT_V: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr,
@@ -227,7 +227,7 @@ def _prefix_attn_kernel(
             d = oc * KC + tl.arange(0, KC)
             oo = tl.dot(o_lo16, _hadamard_tile(d_lo, d, B, LOG2B))
             oo += tl.dot(o_hi16, _hadamard_tile(d_hi, d, B, LOG2B))
-            oo = oo * (1.0 / tl.sqrt(B * 1.0))
+            oo = oo * o_scale
             tl.store(o_row[:, None] + d[None, :], oo.to(O.dtype.element_ty), mask=row_ok[:, None])
     else:
         tl.store(o_row[:, None] + d_lo[None, :], o_lo.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -327,7 +327,7 @@ def prefix_attention(
         q.stride(0), q.stride(1), s_o, o.stride(0), o.stride(1), s_l, lse.stride(0), lse.stride(1),
         k_data.stride(0), k_data.stride(1), k_scales.stride(0), k_scales.stride(1), k_scales.stride(2),
         v_data.stride(0), v_data.stride(1), v_scales.stride(0), v_scales.stride(1), v_scales.stride(2),
-        float(q_scale), float(logit_cap), num_splits,
+        float(q_scale), 1.0 / math.sqrt(b), float(logit_cap), num_splits,
         GQA=gqa, GQA_PAD=gqa_pad, BLOCK_M=block_m, BLOCK_N=bn,
         D=d, G=fmt.group_size, NG=fmt.num_groups, PAGE=page_size,
         ROT_K=rot_k, ROT_V=rot_v, B=b, LOG2B=max(1, b.bit_length() - 1),
