@@ -1,0 +1,348 @@
+"""Shared logic of the INT4 variants of SGLang's `flashinfer` and `triton` attention
+backends: registry wrapping, KV index building, and the decode / extend paths over
+the packed pool. The backend modules only adapt SGLang's metadata to these functions.
+
+Pool contract: SGLang's MHATokenToKVPool with our quant method;
+`pool.get_raw_kv_buffer(layer_id)` -> (k_data, v_data, k_scales, v_scales) and
+`pool.quant_method.fmt` is the Int4KVFormat. Writes go through `pool.set_kv_buffer`.
+
+Our kernels take un-rotated q and return un-rotated outputs (the rotation lives
+inside them), so q is passed as is. The new chunk of an extend attends the fresh
+BF16 k/v (never rotated); only the cached prefix comes from the INT4 pool.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+LOG2E = 1.0 / math.log(2.0)  # natural-log lse -> FlashInfer's base-2 lse
+INT4 = "int4"
+
+
+# ---------------------------------------------------------------------------------
+# Kernel hooks (lazy imports; tests on machines without the kernels patch these)
+def decode_kernel():
+    from saw_sglang.kernels.decode import decode_attention
+
+    return decode_attention
+
+
+def prefix_kernel():
+    from saw_sglang.kernels.prefix import prefix_attention
+
+    return prefix_attention
+
+
+def accepts(fn, name: str) -> bool:
+    """Whether a kernel entry point takes keyword `name` (optional tuning hints)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def decode_kernel_module():
+    from saw_sglang.kernels import decode
+
+    return decode
+
+
+# ---------------------------------------------------------------------------------
+# Registry
+def is_int4_run(runner) -> bool:
+    if getattr(runner, "kv_cache_dtype_str", None) == INT4:
+        return True
+    server_args = getattr(runner, "server_args", None)
+    return getattr(server_args, "kv_cache_dtype", None) == INT4
+
+
+def wrap_backend_factory(name: str, build_int4: Callable) -> Callable:
+    """Replace ATTENTION_BACKENDS[name] with a factory that builds the INT4 variant for
+    int4 runs and calls the original factory otherwise. Idempotent."""
+    from sglang.srt.layers.attention import attention_registry as reg
+
+    current = reg.ATTENTION_BACKENDS[name]
+    if getattr(current, "_saw_int4_original", None) is not None:
+        return current
+    original = current
+
+    def factory(runner):
+        if is_int4_run(runner):
+            return build_int4(runner)
+        return original(runner)
+
+    factory._saw_int4_original = original
+    factory.__name__ = f"create_{name}_backend_saw_int4"
+    factory.__doc__ = f"SGLang's {name!r} backend, or its INT4 variant for --kv-cache-dtype int4."
+    reg.ATTENTION_BACKENDS[name] = factory
+    return factory
+
+
+def original_factory(name: str) -> Callable:
+    from sglang.srt.layers.attention import attention_registry as reg
+
+    f = reg.ATTENTION_BACKENDS[name]
+    return getattr(f, "_saw_int4_original", f)
+
+
+# ---------------------------------------------------------------------------------
+# Pool access
+def pool_format(pool):
+    qm = getattr(pool, "quant_method", None)
+    fmt = getattr(qm, "fmt", None)
+    if fmt is None:
+        raise RuntimeError(
+            "INT4 attention backend needs an INT4 KV pool (quant_method with .fmt); got "
+            f"{type(pool).__name__} with quant method {type(qm).__name__}. "
+            "Launch with --kv-cache-dtype int4 through saw_sglang."
+        )
+    return fmt
+
+
+def check_layer(layer, fmt) -> None:
+    """Refuse layer kinds the INT4 kernels do not implement, with a clear message."""
+    if getattr(layer, "is_cross_attention", False):
+        raise NotImplementedError("INT4 KV cache: cross-attention is not supported")
+    sw = getattr(layer, "sliding_window_size", None)
+    if sw is not None and sw > -1:
+        raise NotImplementedError("INT4 KV cache: sliding-window attention is not supported")
+    if layer.qk_head_dim != layer.v_head_dim or layer.head_dim != fmt.head_dim:
+        raise NotImplementedError(
+            f"INT4 KV cache needs equal q/k/v head dims matching the pool "
+            f"(layer {layer.qk_head_dim}/{layer.v_head_dim}, pool {fmt.head_dim})"
+        )
+    method = getattr(layer, "logit_capping_method", "tanh")
+    if layer.logit_cap and layer.logit_cap > 0 and method != "tanh":
+        raise NotImplementedError(f"INT4 KV cache: logit capping {method!r} is not supported")
+
+
+def refuse_mode(forward_mode) -> None:
+    """Speculative decoding / dLLM modes are refused at startup by the launcher; this is
+    the backstop if one reaches the backend anyway."""
+    for name in ("is_target_verify", "is_draft_extend", "is_draft_extend_v2", "is_dllm_extend"):
+        fn = getattr(forward_mode, name, None)
+        if fn is not None and fn():
+            raise NotImplementedError(
+                f"INT4 KV cache does not support forward mode {forward_mode!r} "
+                "(speculative decoding / dLLM); run without them or use a BF16/FP8 KV cache."
+            )
+
+
+# ---------------------------------------------------------------------------------
+# KV index building
+@dataclass
+class KVIndex:
+    """Our kernels' view of a batch's cached tokens."""
+
+    kv_indptr: torch.Tensor  # int32 [B + 1], into kv_indices
+    kv_indices: torch.Tensor  # int32 token slots (page_size 1) or page ids
+    kv_lens: torch.Tensor  # int32 [B] token counts
+    page_size: int  # what the kernel must be told: 1 for token slots
+
+
+def build_kv_index(
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    lens: torch.Tensor,
+    page_size: int = 1,
+    total: Optional[int] = None,
+    indptr_out: Optional[torch.Tensor] = None,
+    indices_out: Optional[torch.Tensor] = None,
+    lens_out: Optional[torch.Tensor] = None,
+) -> KVIndex:
+    """kv_indptr / kv_indices / kv_lens from req_to_token.
+
+    page_size 1: token slots. page_size P > 1: page ids, one entry per started page:
+    SGLang's paged allocator puts token t of a request at req_to_token[r, t] =
+    page * P + t % P, so page ids are req_to_token[r, j * P] // P.
+    `total` (sum of entries, a host int) avoids a device sync; `*_out` buffers make the
+    result land at fixed addresses (CUDA-graph replay)."""
+    bs = req_pool_indices.shape[0]
+    dev = req_to_token.device
+    lens = lens[:bs].to(torch.int32)
+    entries = lens if page_size == 1 else (lens + page_size - 1) // page_size
+    indptr = indptr_out[: bs + 1] if indptr_out is not None else torch.empty(bs + 1, dtype=torch.int32, device=dev)
+    indptr[0] = 0
+    torch.cumsum(entries, 0, out=indptr[1:])
+    if total is None:
+        total = int(indptr[-1].item())
+    rows = torch.repeat_interleave(torch.arange(bs, device=dev), entries, output_size=total)
+    cols = torch.arange(total, device=dev, dtype=torch.int64) - indptr[:-1].long()[rows]
+    src = req_to_token[req_pool_indices.long()[rows], cols * page_size]
+    if page_size > 1:
+        src = torch.div(src, page_size, rounding_mode="floor")
+    if indices_out is not None:
+        indices_out[:total].copy_(src)
+        indices = indices_out
+    else:
+        indices = src.to(torch.int32)
+    if lens_out is not None:
+        lens_out[:bs].copy_(lens)
+        lens = lens_out[:bs]
+    return KVIndex(indptr, indices, lens, page_size)
+
+
+def host_total(lens_cpu, page_size: int = 1, lens_sum: Optional[int] = None) -> Optional[int]:
+    """Number of kv_indices entries from host-side lengths (None: unknown, read back)."""
+    if page_size == 1 and lens_sum is not None:
+        return int(lens_sum)
+    if lens_cpu is None:
+        return None
+    lens = [int(x) for x in (lens_cpu.tolist() if torch.is_tensor(lens_cpu) else lens_cpu)]
+    return sum(-(-n // page_size) for n in lens)
+
+
+def qo_indptr_from(extend_seq_lens: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    bs = extend_seq_lens.shape[0]
+    qo = out[: bs + 1] if out is not None else torch.empty(bs + 1, dtype=torch.int32, device=extend_seq_lens.device)
+    qo[0] = 0
+    torch.cumsum(extend_seq_lens.to(qo.dtype), 0, out=qo[1:])
+    return qo
+
+
+# ---------------------------------------------------------------------------------
+# Attention over the packed pool
+def decode_forward(q, pool, layer, kv: KVIndex, out=None, workspace=None, num_splits=None, max_kv_len=None):
+    """q [B, Hq*D] or [B, Hq, D] (un-rotated) -> [B, Hq*D] over the INT4 cache."""
+    fmt = pool_format(pool)
+    check_layer(layer, fmt)
+    k_data, v_data, k_scales, v_scales = pool.get_raw_kv_buffer(layer.layer_id)
+    q3 = q.reshape(-1, layer.tp_q_head_num, layer.head_dim)
+    o3 = None if out is None else out.view(-1, layer.tp_q_head_num, layer.head_dim)
+    kwargs = {}
+    if workspace is not None:
+        kwargs["workspace"] = workspace
+    if num_splits is not None:
+        kwargs["num_splits"] = num_splits
+    kernel = decode_kernel()
+    if max_kv_len is not None and accepts(kernel, "max_kv_len"):
+        kwargs["max_kv_len"] = max_kv_len
+    o = kernel(
+        q3, k_data, k_scales, v_data, v_scales, kv.kv_indptr, kv.kv_indices, kv.kv_lens,
+        fmt, layer.scaling, page_size=kv.page_size, logit_cap=float(layer.logit_cap or 0.0),
+        out=o3, **kwargs,
+    )
+    return o.reshape(-1, layer.tp_q_head_num * layer.head_dim)
+
+
+def prefix_forward(q3, qo_indptr, pool, layer, kv: KVIndex, max_q_len=None):
+    """New queries over their cached INT4 prefixes -> (o q.dtype, lse natural log)."""
+    fmt = pool_format(pool)
+    k_data, v_data, k_scales, v_scales = pool.get_raw_kv_buffer(layer.layer_id)
+    kernel = prefix_kernel()
+    kwargs = {"max_q_len": max_q_len} if max_q_len is not None and accepts(kernel, "max_q_len") else {}
+    return kernel(
+        q3, qo_indptr, k_data, k_scales, v_data, v_scales, kv.kv_indptr, kv.kv_indices,
+        kv.kv_lens, fmt, layer.scaling, page_size=kv.page_size,
+        logit_cap=float(layer.logit_cap or 0.0), **kwargs,
+    )
+
+
+def extend_forward(
+    q, k, v, pool, layer, qo_indptr, prefix: Optional[KVIndex],
+    new_chunk: Callable, merge: Callable, lse_base2: bool, max_q_len=None,
+):
+    """Extend attention = causal attention of the new chunk over its fresh k/v, merged
+    (log-sum-exp) with attention over the cached INT4 prefix.
+
+    new_chunk(q3, k3, v3, need_lse) -> o or (o, lse) in the backend's lse base;
+    merge(o1, lse1, o2, lse2) -> (o, lse) in that base (FlashInfer: base 2, Triton: e).
+    `prefix` is None when no request of the batch has a cached prefix. Returns [N, Hq*D].
+    The cache write (set_kv_buffer) is the caller's: it touches only the new slots."""
+    fmt = pool_format(pool)
+    check_layer(layer, fmt)
+    hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
+    q3 = q.reshape(-1, hq, d)
+    k3 = k.reshape(-1, hkv, d)
+    v3 = v.reshape(-1, hkv, d)
+    if prefix is None:
+        o = new_chunk(q3, k3, v3, False)
+        return o.reshape(-1, hq * d)
+    o1, s1 = new_chunk(q3, k3, v3, True)
+    o2, s2 = prefix_forward(q3, qo_indptr, pool, layer, prefix, max_q_len)
+    if lse_base2:
+        s2 = s2 * LOG2E  # -inf (empty prefix) stays -inf: weight zero in the merge
+    o, _ = merge(o1, s1, o2.to(o1.dtype), s2)
+    return o.reshape(-1, hq * d)
+
+
+def torch_merge_state(o1, s1, o2, s2, base2: bool = False):
+    """Reference merge of two partial attentions (used by tests; FlashInfer / Triton
+    kernels do this in production). Either side may have lse -inf."""
+    f = math.log(2.0) if base2 else 1.0
+    a, b = s1.float() * f, s2.float() * f
+    m = torch.maximum(a, b)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    wa, wb = torch.exp(a - m), torch.exp(b - m)
+    den = wa + wb
+    o = (o1.float() * wa.unsqueeze(-1) + o2.float() * wb.unsqueeze(-1)) / den.unsqueeze(-1)
+    return o.to(o1.dtype), (m + torch.log(den)) / f
+
+
+# ---------------------------------------------------------------------------------
+# Decode CUDA-graph state: preallocated index buffers and one shared split workspace
+class DecodeGraphState:
+    """Buffers for captured decode graphs. The index buffers are sized for the largest
+    batch at the full context length; the split count is fixed per captured batch size
+    (host decision), and all batch sizes share one flat split workspace (graphs replay
+    one at a time on one stream)."""
+
+    def __init__(self, max_bs, max_context_len, page_size, num_q_heads, num_kv_heads, head_dim, device):
+        self.page_size = page_size
+        per_req = -(-max_context_len // page_size) if page_size > 1 else max_context_len
+        self.kv_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=device)
+        self.kv_indices = torch.zeros(max_bs * per_req, dtype=torch.int32, device=device)
+        self.kv_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
+        self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
+        self.device = device
+        self.max_bs = max_bs
+        self.splits: dict[int, int] = {}
+        self.workspaces: dict[int, object] = {}
+        self._flat_o = self._flat_lse = None
+
+    def num_splits(self, bs: int) -> int:
+        dec = decode_kernel_module()
+        if not hasattr(dec, "choose_num_splits"):
+            return 1
+        sms = dec.num_sms(self.device) if hasattr(dec, "num_sms") else 132
+        return int(dec.choose_num_splits(bs, self.num_kv_heads, sms))
+
+    def prepare(self, bs: int):
+        """Fix the split count and workspace of batch size `bs` (at capture)."""
+        if bs in self.splits:
+            return
+        s = self.num_splits(bs)
+        self.splits[bs] = s
+        self.workspaces[bs] = self._workspace(bs, s) if s > 1 else None
+
+    def _workspace(self, bs, s):
+        dec = decode_kernel_module()
+        hq, d = self.num_q_heads, self.head_dim
+        Workspace = getattr(dec, "DecodeWorkspace", None)
+        if Workspace is None:
+            return dec.alloc_workspace(bs, hq, d, s, device=self.device)
+        if self._flat_o is None:
+            # One buffer for every batch size: sized for the largest bs * splits.
+            rows = max(b * self.num_splits(b) for b in range(1, self.max_bs + 1))
+            self._flat_o = torch.empty(rows * hq * d, dtype=torch.float32, device=self.device)
+            self._flat_lse = torch.empty(rows * hq, dtype=torch.float32, device=self.device)
+        n = bs * hq * s
+        return Workspace(self._flat_o[: n * d].view(bs, hq, s, d), self._flat_lse[:n].view(bs, hq, s))
+
+    def fill(self, req_to_token, req_pool_indices, seq_lens, bs: int, total: Optional[int] = None) -> KVIndex:
+        """Refresh the buffers in place for a batch padded to `bs` (outside the graph)."""
+        return build_kv_index(
+            req_to_token, req_pool_indices[:bs], seq_lens[:bs], self.page_size, total=total,
+            indptr_out=self.kv_indptr, indices_out=self.kv_indices, lens_out=self.kv_lens,
+        )
+
+    def view(self, bs: int) -> KVIndex:
+        return KVIndex(self.kv_indptr[: bs + 1], self.kv_indices, self.kv_lens[:bs], self.page_size)
