@@ -1,0 +1,138 @@
+"""Shared checks for the quantize/dequantize kernels (CPU interpreter and GPU tests).
+
+Tolerances, and why:
+  * The kernel rotates with a tensor-core dot (fp32 accumulation in another order than
+    the torch reference), so a rotated value may differ by a few fp32 ulps. That can
+    move fp16(scale) or fp16(min) by one fp16 ulp and a code by one at a rounding
+    boundary. So: scales and mins within 1 fp16 ulp, codes never off by more than 1
+    and equal for >= 99% of elements. Without rotation on CPU the arithmetic is the
+    reference's, op for op, and everything must be bit-equal.
+  * Dequantisation of the same bytes: within fp32 rounding (a B-term sum of values
+    up to max|x|).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saw_sglang.kernels import reference as ref
+from saw_sglang.kernels.format import Int4KVFormat
+from saw_sglang.kernels.quantize import dequantize, quantize_and_store
+
+POISON_BYTE = 0xA5
+POISON_SCALE = -1234.0
+
+
+def fused_kv(t, hq, hkv, d, dtype, device, gen=None):
+    """k, v as non-contiguous views of a fused qkv [T, (Hq + 2 Hkv) * D] tensor."""
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=gen, device=device).to(dtype)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
+    v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
+    assert not k.is_contiguous() and k.stride(0) == (hq + 2 * hkv) * d
+    return qkv, k, v
+
+
+def poisoned_buffers(fmt: Int4KVFormat, rows, heads, device):
+    """(k_data, k_scales, v_data, v_scales) filled with recognisable junk."""
+    out = []
+    for _ in range(2):
+        data, scales = fmt.alloc(rows, heads, device)
+        data.fill_(POISON_BYTE)
+        scales.fill_(POISON_SCALE)
+        out += [data, scales]
+    return out
+
+
+def fp16_ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Number of fp16 values between a and b (0 = equal, 1 = neighbours)."""
+
+    def ordered(x):
+        i = x.contiguous().view(torch.int16).int()
+        return torch.where(i < 0, -(i & 0x7FFF), i)
+
+    return (ordered(a.half()) - ordered(b.half())).abs()
+
+
+def assert_slots_match(got, want, fmt, slots, exact, min_equal=0.99):
+    """got/want: (data, scales) of one tensor; compare the rows in `slots`."""
+    gd, gs = got[0][slots], got[1][slots]
+    wd, ws = want[0][slots], want[1][slots]
+    assert torch.isfinite(gs.float()).all(), "non-finite scale/min written"
+    gc, wc = ref.unpack_codes(gd, fmt).int(), ref.unpack_codes(wd, fmt).int()
+    if exact:
+        assert torch.equal(gs, ws), "scales differ from the reference"
+        assert torch.equal(gd, wd), "packed codes differ from the reference"
+        return
+    ulps = fp16_ulp_distance(gs, ws)
+    assert ulps.max() <= 1, f"scale/min off by {int(ulps.max())} fp16 ulps"
+    diff = (gc - wc).abs()
+    assert diff.max() <= 1, f"a code is off by {int(diff.max())}"
+    frac = (diff == 0).float().mean().item()
+    assert frac >= min_equal, f"only {frac:.4f} of codes equal the reference"
+
+
+def run_and_compare(k, v, loc, fmt, rows, exact, device):
+    """Quantise with the kernel and the reference into poisoned pools; check the
+    written slots, the untouched slots and the inputs."""
+    heads = k.shape[1]
+    bufs = poisoned_buffers(fmt, rows, heads, device)
+    refs = [b.clone() for b in bufs]
+    k0, v0, loc0 = k.clone(), v.clone(), loc.clone()
+    quantize_and_store(k, v, loc, *bufs, fmt)
+    ref.quantize_and_store_ref(k, v, loc, *refs, fmt)
+    same = lambda a, b: torch.equal(a.view(torch.int16), b.view(torch.int16))  # NaN-safe
+    assert same(k, k0) and same(v, v0) and torch.equal(loc, loc0), "inputs modified"
+    written = torch.zeros(rows, dtype=torch.bool, device=device)
+    written[loc.long()] = True
+    for i in range(4):  # untouched rows keep their poison, bit for bit
+        assert torch.equal(bufs[i][~written], refs[i][~written]), "an untouched slot changed"
+    slots = written.nonzero().squeeze(1)
+    assert_slots_match(bufs[0:2], refs[0:2], fmt, slots, exact)
+    assert_slots_match(bufs[2:4], refs[2:4], fmt, slots, exact)
+    return bufs
+
+
+def check_dequantize_same_bytes(fmt, rows, heads, t, rotated, device, gen=None):
+    """Random bytes and scales -> kernel vs reference, fp32 and bf16 outputs."""
+    data = torch.randint(0, 256, fmt.data_shape(rows, heads), dtype=torch.uint8, generator=gen,
+                         device=device)
+    scales = torch.empty(fmt.scale_shape(rows, heads), device=device)
+    scales[..., 0] = torch.rand(scales.shape[:-1], generator=gen, device=device) * 0.5
+    scales[..., 1] = torch.randn(scales.shape[:-1], generator=gen, device=device) * 3
+    scales = scales.half()
+    loc = torch.randperm(rows, generator=gen, device=device)[:t]
+    got = dequantize(data, scales, loc, fmt, rotated, dtype=torch.float32)
+    want = ref.dequantize_ref(data, scales, loc, fmt, rotated, dtype=torch.float32)
+    # fp32 rounding: each output is a sum of <= B terms of magnitude <= max|value|
+    mag = want.abs().amax().item() + 1e-6
+    terms = fmt.block_size if rotated else 2
+    torch.testing.assert_close(got, want, rtol=0, atol=4 * terms * 2**-24 * mag)
+    got16 = dequantize(data, scales, loc, fmt, rotated)  # default bf16
+    assert got16.dtype == torch.bfloat16 and got16.shape == want.shape
+    # one bf16 rounding of nearly-equal fp32 values: at most one bf16 ulp apart
+    torch.testing.assert_close(got16.float(), want, rtol=2**-7, atol=8 * terms * 2**-24 * mag)
+
+
+def check_round_trip(k, v, loc, fmt, rows, device):
+    """dequantize(quantize(x)) vs reference.dequantize_values(reference.quantize(x)).
+    Codes may differ by one at a few rounding boundaries: the rotation is orthonormal,
+    so per token-head the 2-norm of the difference is at most step * sqrt(flips)
+    (+ fp32 rounding), and zero flips means equal to rounding."""
+    heads = k.shape[1]
+    bufs = poisoned_buffers(fmt, rows, heads, device)
+    quantize_and_store(k, v, loc, *bufs, fmt)
+    for x, data, scales, rot in ((k, bufs[0], bufs[1], fmt.k_rotated), (v, bufs[2], bufs[3], fmt.v_rotated)):
+        got = dequantize(data, scales, loc, fmt, rot, dtype=torch.float32)
+        rd, rs = ref.quantize(x, fmt, rot)
+        want = ref.dequantize_values(rd, rs, fmt, rot)
+        flips = (ref.unpack_codes(data[loc.long()], fmt).int() - ref.unpack_codes(rd, fmt).int()) != 0
+        step = torch.maximum(scales[loc.long()][..., 0].float(), rs[..., 0].float()).amax(-1)
+        # mins may differ by one fp16 ulp too (<= 2^-10 relative, on every element)
+        mins = rs[..., 1].float().abs().amax(-1) * 2**-10 * x.shape[-1] ** 0.5
+        bound = step * flips.sum(-1).float().sqrt() + mins + 1e-5 * want.abs().amax(-1) + 1e-6
+        err = (got - want).norm(dim=-1)
+        assert (err <= bound).all(), f"round trip off by {(err - bound).max().item():.3g} beyond bound"
+        # and the round trip is a quantisation of x: within a step (+ fp16 min rounding)
+        xr = ref.sanitize(x)
+        slack = 2**-10 * xr.abs().amax(-1)  # fp16 rounding of min (constant rows: step 0)
+        assert ((got - xr).abs().amax(-1) <= 1.01 * step * x.shape[-1] ** 0.5 + slack).all()

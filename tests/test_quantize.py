@@ -1,0 +1,157 @@
+"""quantize_and_store / dequantize Triton kernels vs the torch references
+(CPU: Triton interpreter, small shapes). Tolerances: see tests/quantize_checks.py."""
+
+import pytest
+import torch
+
+from quantize_checks import (
+    check_dequantize_same_bytes,
+    check_round_trip,
+    fused_kv,
+    poisoned_buffers,
+    run_and_compare,
+)
+from saw_sglang.kernels import reference as ref
+from saw_sglang.kernels.format import Int4KVFormat
+from saw_sglang.kernels.quantize import dequantize, quantize_and_store, without_rotation
+
+MODES = {  # name -> Int4KVFormat kwargs
+    "none": dict(rotation="none"),
+    "k": dict(rotation="hadamard"),
+    "kv": dict(rotation="hadamard", rotate_v=True),
+}
+
+
+def _fmt(d, g, b, mode):
+    return Int4KVFormat(head_dim=d, group_size=g, block_size=b, **MODES[mode])
+
+
+@pytest.mark.parametrize("b, mode", [(None, "none"), (None, "k"), (None, "kv"), (16, "k"), (16, "kv")])
+@pytest.mark.parametrize("d, g", [(64, 64), (64, 32), (128, 128), (128, 32)])
+def test_matches_reference_scattered_strided(d, g, b, mode, device):
+    fmt = _fmt(d, g, b, mode)
+    gen = torch.Generator(device).manual_seed(hash((d, g, b, mode)) % 2**31)
+    t, hq, hkv, rows = 150, 4, 2, 400  # 150 tokens: several tiles and a ragged one
+    _, k, v = fused_kv(t, hq, hkv, d, torch.bfloat16, device, gen)
+    loc = torch.randperm(rows, generator=gen, device=device)[:t]
+    run_and_compare(k, v, loc, fmt, rows, exact=(mode == "none" and device == "cpu"), device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("loc_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("b", [128, 4])
+def test_dtypes_and_block_smaller_than_16(dtype, loc_dtype, b, device):
+    fmt = Int4KVFormat(head_dim=128, group_size=64, block_size=b, rotate_v=True)
+    t, rows = 37, 90
+    k = torch.randn(t, 2, 128, device=device).to(dtype)
+    v = (torch.randn(t, 2, 128, device=device) * 5 + 1).to(dtype)
+    loc = torch.randperm(rows, device=device)[:t].to(loc_dtype)
+    run_and_compare(k, v, loc, fmt, rows, exact=False, device=device)
+
+
+@pytest.mark.parametrize("mode", ["none", "kv"])
+def test_nonfinite_huge_and_constant_rows_give_finite_scales(mode, device):
+    fmt = _fmt(64, 32, None, mode)
+    t, h, rows = 12, 2, 20
+    k = torch.randn(t, h, 64, device=device)
+    k[0, 0, 3] = float("nan")
+    k[1, 0, :] = float("nan")
+    k[2, 1, 5] = float("inf")
+    k[3, 0, 7] = float("-inf")
+    k[4, 1, :] = float("inf")
+    k[5, 0, 9] = 1e30
+    k[5, 1, 9] = -1e30
+    k[6, 0, :] = 2.5  # constant row
+    k[7, 1, :] = 0.0  # all zero
+    k[8, 0, :32] = 1e4
+    k[8, 0, 32:] = -1e4
+    k = k.bfloat16()  # bf16 keeps 1e30 finite; inf/nan stay
+    v = k.flip(0).clone()
+    loc = torch.randperm(rows, device=device)[:t]
+    bufs = run_and_compare(k, v, loc, fmt, rows, exact=(mode == "none" and device == "cpu"),
+                           device=device)
+    for sc in (bufs[1], bufs[3]):
+        assert torch.isfinite(sc[loc.long()].float()).all()
+    # the constant row: (scale 0, min = value) without rotation
+    if mode == "none":
+        assert bufs[1][loc[6], 0, :, 0].eq(0).all() and bufs[1][loc[6], 0, :, 1].eq(2.5).all()
+        assert bufs[0][loc[6], 0].eq(0).all()
+
+
+def test_repeated_padding_slot_does_not_corrupt_other_slots(device):
+    fmt = Int4KVFormat(head_dim=64, group_size=32, rotate_v=True)
+    t, h, rows = 40, 2, 64
+    k = torch.randn(t, h, 64, device=device).half()
+    v = torch.randn(t, h, 64, device=device).half()
+    loc = torch.randperm(rows - 1, device=device)[:t] + 1
+    loc[::3] = 0  # dummy tokens all write the padding slot 0
+    bufs = poisoned_buffers(fmt, rows, h, device)
+    refs = [b.clone() for b in bufs]
+    quantize_and_store(k, v, loc, *bufs, fmt)
+    real = loc != 0
+    ref.quantize_and_store_ref(k[real], v[real], loc[real], *refs, fmt)
+    from quantize_checks import assert_slots_match
+
+    others = torch.ones(rows, dtype=torch.bool, device=device)
+    others[0] = False
+    slots = others.nonzero().squeeze(1)
+    assert_slots_match(bufs[0:2], refs[0:2], fmt, slots, exact=False)
+    assert_slots_match(bufs[2:4], refs[2:4], fmt, slots, exact=False)
+    for sc in (bufs[1], bufs[3]):
+        assert torch.isfinite(sc[0].float()).all() and not sc[0].eq(-1234.0).any()
+
+
+@pytest.mark.parametrize("d, g, b", [(64, 64, 64), (128, 32, 128), (128, 128, 16), (64, 32, 8)])
+@pytest.mark.parametrize("rotated", [False, True])
+def test_dequantize_matches_reference_on_same_bytes(d, g, b, rotated, device):
+    fmt = Int4KVFormat(head_dim=d, group_size=g, block_size=b)
+    check_dequantize_same_bytes(fmt, rows=70, heads=3, t=45, rotated=rotated, device=device)
+
+
+@pytest.mark.parametrize("mode", ["none", "k", "kv"])
+@pytest.mark.parametrize("d, g, b", [(64, 32, None), (128, 128, None), (128, 32, 16)])
+def test_round_trip_matches_reference_values(d, g, b, mode, device):
+    fmt = _fmt(d, g, b, mode)
+    t, rows = 33, 50
+    _, k, v = fused_kv(t, 2, 2, d, torch.bfloat16, device)
+    loc = torch.randperm(rows, device=device)[:t]
+    check_round_trip(k, v, loc, fmt, rows, device)
+
+
+def test_empty_batch_is_a_no_op(device):
+    fmt = Int4KVFormat(head_dim=64)
+    bufs = poisoned_buffers(fmt, 4, 2, device)
+    before = [b.clone() for b in bufs]
+    x = torch.empty(0, 2, 64, dtype=torch.bfloat16, device=device)
+    quantize_and_store(x, x, torch.empty(0, dtype=torch.int64, device=device), *bufs, fmt)
+    assert all(torch.equal(a, b) for a, b in zip(bufs, before))
+    assert dequantize(bufs[0], bufs[1], torch.empty(0, dtype=torch.int64), fmt, True).shape == (0, 2, 64)
+
+
+def test_bad_inputs_are_refused_with_a_clear_error():
+    fmt = Int4KVFormat(head_dim=64)
+    bufs = fmt.alloc(8, 2) + fmt.alloc(8, 2)
+    x = torch.randn(3, 2, 64, dtype=torch.bfloat16)
+    loc = torch.arange(3)
+    with pytest.raises(ValueError, match="head_dim"):
+        quantize_and_store(x, x, loc, *bufs, Int4KVFormat(head_dim=128))
+    with pytest.raises(NotImplementedError, match="head_dim"):
+        f96 = Int4KVFormat(head_dim=96, block_size=32)
+        y = torch.randn(3, 2, 96, dtype=torch.bfloat16)
+        quantize_and_store(y, y, loc, *(f96.alloc(8, 2) + f96.alloc(8, 2)), f96)
+    with pytest.raises(ValueError, match="contiguous"):
+        quantize_and_store(x.transpose(1, 2).contiguous().transpose(1, 2), x, loc, *bufs, fmt)
+    with pytest.raises(TypeError, match="bf16 or fp16"):
+        quantize_and_store(x.float(), x.float(), loc, *bufs, fmt)
+    with pytest.raises(ValueError, match="loc"):
+        quantize_and_store(x, x, loc.float(), *bufs, fmt)
+    with pytest.raises(ValueError, match="k_scales"):
+        quantize_and_store(x, x, loc, bufs[0], bufs[1].float(), bufs[2], bufs[3], fmt)
+
+
+def test_without_rotation_is_the_same_format_minus_the_rotation():
+    fmt = Int4KVFormat(head_dim=128, group_size=32, block_size=64, rotate_v=True)
+    base = without_rotation(fmt)
+    assert base.rotation == "none" and not base.k_rotated and not base.v_rotated
+    assert (base.head_dim, base.group_size, base.block_size) == (128, 32, 64)
+    assert base.bytes_per_token_head == fmt.bytes_per_token_head
