@@ -346,7 +346,8 @@ def plot(points: List[Point], path: str) -> Optional[str]:
         ax.set(title=f"{s}: {first.input_len} in / {first.output_len} out",
                xlabel="concurrency", ylabel="output tok/s", xscale="log")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
