@@ -121,6 +121,8 @@ class ManagedServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> "ManagedServer":
+        if self.proc is not None:
+            raise RuntimeError("ManagedServer.start() called twice")
         install_cleanup_handlers()
         os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
         log = open(self.log_path, "ab")

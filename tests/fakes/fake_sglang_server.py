@@ -4,7 +4,7 @@ Answers /health, /get_server_info, /v1/loads, /generate (plain and streamed),
 /abort_request and /flush_cache on --host/--port. Outputs are a deterministic
 function of the input ids. Behaviour knobs come from the environment:
 FAKE_MODE=exit|never_healthy, FAKE_STARTUP_S, FAKE_PIDFILE (append own and a
-child's pid), FAKE_IGNORE_SIGTERM=1, FAKE_LEAK_ON_DISCONNECT=1, FAKE_TOKEN_S.
+child's pid), FAKE_IGNORE_SIGTERM=1, FAKE_LEAK_ON_DISCONNECT=1, FAKE_TOKEN_S, FAKE_CONTEXT_LEN.
 """
 
 import argparse
@@ -17,7 +17,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-CONTEXT_LEN = 2048
+CONTEXT_LEN = int(os.environ.get("FAKE_CONTEXT_LEN", "8192"))
 
 
 def parse():
