@@ -153,8 +153,11 @@ class Handler(BaseHTTPRequestHandler):
                 self._json(200, final)
             release()
         except (BrokenPipeError, ConnectionResetError):
-            if os.environ.get("FAKE_LEAK_ON_DISCONNECT") != "1":
-                release()
+            if os.environ.get("FAKE_LEAK_ON_DISCONNECT") == "1":
+                with STATE["lock"]:  # the request ends but its tokens stay "used"
+                    STATE["running"] -= 1
+                    released = True
+            release()
 
     @staticmethod
     def payload(rid, produced, reason, req):

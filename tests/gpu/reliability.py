@@ -205,6 +205,7 @@ def run_probes(url: str, reqs: List[dict]) -> List[dict]:
 
 
 def wait_idle(url: str, timeout: float = 180.0) -> dict:
+    """Wait until nothing runs or waits; return the load snapshot then."""
     t0 = time.monotonic()
     while True:
         ld = loads(url)
