@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m saw_sglang.bench.kernels` (attention and write kernels)."""

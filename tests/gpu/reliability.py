@@ -394,12 +394,13 @@ def scale_kproj(src: str, dst: str, layer: int, factor: float) -> List[str]:
                 t = sf.get_tensor(k)
                 if prefix in k and (k.endswith("weight") or k.endswith("bias")):
                     t = (t.float() * factor).to(t.dtype)
+                    if not torch.isfinite(t).all():
+                        raise ValueError(f"{k} x{factor:g} overflows {t.dtype}")
                     scaled.append(k)
                 tensors[k] = t.contiguous()
         save_file(tensors, str(dst_p / f.name), metadata=meta)
     if not scaled:
         raise ValueError(f"no '{prefix}' tensors in {src}")
-    assert all(torch.isfinite(tensors[k]).all() for k in scaled if k in tensors)
     return sorted(scaled)
 
 
