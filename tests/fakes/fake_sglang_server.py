@@ -1,0 +1,187 @@
+"""A stand-in for `sglang.launch_server` in CPU tests: same flags, same endpoints.
+
+Answers /health, /get_server_info, /v1/loads, /generate (plain and streamed),
+/abort_request and /flush_cache on --host/--port. Outputs are a deterministic
+function of the input ids. Behaviour knobs come from the environment:
+FAKE_MODE=exit|never_healthy, FAKE_STARTUP_S, FAKE_PIDFILE (append own and a
+child's pid), FAKE_IGNORE_SIGTERM=1, FAKE_LEAK_ON_DISCONNECT=1, FAKE_TOKEN_S, FAKE_CONTEXT_LEN.
+"""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+CONTEXT_LEN = int(os.environ.get("FAKE_CONTEXT_LEN", "8192"))
+
+
+def parse():
+    p = argparse.ArgumentParser()
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--max-total-tokens", type=int, default=None)
+    p.add_argument("--mem-fraction-static", type=float, default=0.9)
+    args, _ = p.parse_known_args()
+    return args
+
+
+ARGS = parse()
+MODE = os.environ.get("FAKE_MODE", "ok")
+TOKEN_S = float(os.environ.get("FAKE_TOKEN_S", "0.0005"))
+CAPACITY = ARGS.max_total_tokens or int(100000 * ARGS.mem_fraction_static) * (
+    4 if ARGS.kv_cache_dtype == "int4" else 2 if ARGS.kv_cache_dtype.startswith("fp8") else 1)
+STATE = {"ready_at": time.monotonic() + float(os.environ.get("FAKE_STARTUP_S", "0")),
+         "used": 0, "running": 0, "aborted": set(), "lock": threading.Lock()}
+
+
+def tokenize(req):
+    if req.get("input_ids") is not None:
+        return list(req["input_ids"])
+    text = req.get("text")
+    return [sum(map(ord, w)) % 1000 for w in (text or "").split()]
+
+
+def check(req, ids):
+    sp = req.get("sampling_params") or {}
+    if not ids:
+        return "The input is empty."
+    if len(ids) >= CONTEXT_LEN:
+        return f"The input ({len(ids)} tokens) is longer than the model's context length ({CONTEXT_LEN} tokens)."
+    if sp.get("temperature", 1.0) < 0:
+        return "temperature must be non-negative"
+    if not 0 < sp.get("top_p", 1.0) <= 1:
+        return "top_p must be in (0, 1]"
+    return None
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def _json(self, code, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _body(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        return json.loads(self.rfile.read(n) or b"{}")
+
+    def do_GET(self):
+        if self.path.startswith("/health"):
+            ok = MODE != "never_healthy" and time.monotonic() >= STATE["ready_at"]
+            return self._json(200 if ok else 503, {})
+        if self.path.startswith("/get_server_info") or self.path.startswith("/server_info"):
+            return self._json(200, {"kv_cache_dtype": ARGS.kv_cache_dtype, "max_total_num_tokens": CAPACITY,
+                                    "context_length": CONTEXT_LEN, "version": "fake"})
+        if self.path.startswith("/v1/loads"):
+            with STATE["lock"]:
+                load = {"dp_rank": 0, "num_running_reqs": STATE["running"], "num_waiting_reqs": 0,
+                        "num_used_tokens": STATE["used"], "max_total_num_tokens": CAPACITY}
+            return self._json(200, {"loads": [load]})
+        if self.path.startswith("/flush_cache"):
+            return self._json(200, {})
+        self._json(404, {"detail": "not found"})
+
+    def do_POST(self):
+        if self.path.startswith("/abort_request"):
+            STATE["aborted"].add(self._body().get("rid"))
+            return self._json(200, {})
+        if self.path.startswith("/flush_cache"):
+            return self._json(200, {})
+        if not self.path.startswith("/generate"):
+            return self._json(404, {"detail": "not found"})
+        req = self._body()
+        ids = tokenize(req)
+        err = check(req, ids)
+        if err:
+            return self._json(400, {"error": {"message": err}})
+        self.generate(req, ids)
+
+    def generate(self, req, ids):
+        sp = req.get("sampling_params") or {}
+        n = int(sp.get("max_new_tokens", 16))
+        rid = req.get("rid") or f"r{time.monotonic_ns()}"
+        seed = sum(ids) + len(ids)
+        out = [(seed * 31 + i * 7) % 1000 for i in range(n)]
+        with STATE["lock"]:
+            STATE["used"] += len(ids) + n
+            STATE["running"] += 1
+        released = False
+
+        def release():
+            nonlocal released
+            if not released:
+                released = True
+                with STATE["lock"]:
+                    STATE["used"] -= len(ids) + n
+                    STATE["running"] -= 1
+
+        produced, reason = [], {"type": "length", "length": n}
+        try:
+            stream = bool(req.get("stream"))
+            if stream:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+            for tok in out:
+                if rid in STATE["aborted"]:
+                    reason = {"type": "abort", "message": "Abort request " + rid}
+                    break
+                time.sleep(TOKEN_S)
+                produced.append(tok)
+                if stream:
+                    self.wfile.write(b"data: " + json.dumps(self.payload(rid, produced, None, req)).encode() + b"\n\n")
+                    self.wfile.flush()
+            final = self.payload(rid, produced, reason, req)
+            if stream:
+                self.wfile.write(b"data: " + json.dumps(final).encode() + b"\n\ndata: [DONE]\n\n")
+                self.wfile.flush()
+                self.close_connection = True
+            else:
+                self._json(200, final)
+            release()
+        except (BrokenPipeError, ConnectionResetError):
+            if os.environ.get("FAKE_LEAK_ON_DISCONNECT") == "1":
+                with STATE["lock"]:  # the request ends but its tokens stay "used"
+                    STATE["running"] -= 1
+                    released = True
+            release()
+
+    @staticmethod
+    def payload(rid, produced, reason, req):
+        meta = {"id": rid, "finish_reason": reason, "completion_tokens": len(produced)}
+        if req.get("return_logprob"):
+            meta["output_token_logprobs"] = [[-0.01 * (t % 50), t, None] for t in produced]
+        return {"text": " ".join(f"w{t}" for t in produced), "output_ids": list(produced), "meta_info": meta}
+
+
+def main():
+    if os.environ.get("FAKE_PIDFILE"):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        with open(os.environ["FAKE_PIDFILE"], "a") as f:
+            f.write(f"{os.getpid()}\n{child.pid}\n")
+    if os.environ.get("FAKE_IGNORE_SIGTERM") == "1":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if MODE == "exit":
+        print("fake server: failing on purpose", flush=True)
+        sys.exit(3)
+    srv = ThreadingHTTPServer((ARGS.host, ARGS.port), Handler)
+    srv.daemon_threads = True
+    print(f"fake server on {ARGS.host}:{ARGS.port} kv={ARGS.kv_cache_dtype}", flush=True)
+    srv.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
