@@ -8,10 +8,12 @@ byte is read once.
 
 Arithmetic (no integer->float conversion instructions on the hot path):
   * a nibble n becomes fp16 by bits: (n | 0x6400) is the fp16 1024 + n, exact;
-  * group_size == head_dim: the zero point and the 1024 bias fold into per-token
-    scalars, so the codes go straight into the tensor-core dots:
-        q.k   = s_k * (q . (1024 + n)) + (m_k - 1024 s_k) * sum(q)
-        p @ v = (p s_v) @ (1024 + n) + sum_n p (m_v - 1024 s_v)   (the last term per row)
+  * group_size == head_dim: the zero point folds into per-token scalars, so the exact
+    codes n = (1024 + n) - 1024 go straight into the tensor-core dots:
+        q.k   = s_k * (q . n) + m_k * sum(q)
+        p @ v = (p s_v) @ n + sum_n p m_v   (the last term per row)
+    (Folding the 1024 bias into the scalars too saves one fp16 subtract but cancels
+    catastrophically in the V accumulator over long splits: measured 5% error at 8k.)
   * smaller groups: codes are dequantised in registers (fp16) and dotted directly.
 Dots take fp16 operands and accumulate in fp32; the online softmax runs in fp32 with
 exp2 (log2 e folded into the scale). q is rotated in the prologue (q . H_B) with a
@@ -138,6 +140,46 @@ def _nib_hi(c):
 
 
 @triton.jit
+def _block_slots(indices_ptr, req_base, n0, offs_n, end, PAGE: tl.constexpr):
+    """Slots of tokens n0 + offs_n; tokens past `end` read slot 0 (always a valid row),
+    so the data gathers need no mask."""
+    t = n0 + offs_n
+    nmask = t < end
+    if PAGE == 1:
+        return tl.load(indices_ptr + req_base + t, mask=nmask, other=0).to(tl.int64)
+    page = tl.load(indices_ptr + req_base + t // PAGE, mask=nmask, other=0).to(tl.int64)
+    return tl.where(nmask, page * PAGE + t % PAGE, 0)
+
+
+@triton.jit
+def _load_block(kd_head, ks_head, vd_head, vs_head, slot,
+                stride_kd_t, stride_ks_t, stride_vd_t, stride_vs_t,
+                HALF: tl.constexpr, NG: tl.constexpr, GH: tl.constexpr):
+    """Packed K and V codes of a block of slots and their fp32 scale/min, K and V issued
+    together (one memory latency for both)."""
+    if NG == 1:
+        offs_j = tl.arange(0, HALF)
+        kc = tl.load(kd_head + slot[:, None] * stride_kd_t + offs_j[None, :])
+        vc = tl.load(vd_head + slot[:, None] * stride_vd_t + offs_j[None, :])
+        k_s = tl.load(ks_head + slot * stride_ks_t).to(tl.float32)
+        k_m = tl.load(ks_head + slot * stride_ks_t + 1).to(tl.float32)
+        v_s = tl.load(vs_head + slot * stride_vs_t).to(tl.float32)
+        v_m = tl.load(vs_head + slot * stride_vs_t + 1).to(tl.float32)
+    else:
+        offs_g = tl.arange(0, NG)
+        byte3 = offs_g[None, :, None] * GH + tl.arange(0, GH)[None, None, :]
+        kc = tl.load(kd_head + slot[:, None, None] * stride_kd_t + byte3)
+        vc = tl.load(vd_head + slot[:, None, None] * stride_vd_t + byte3)
+        ksp = ks_head + slot[:, None] * stride_ks_t + offs_g[None, :] * 2
+        vsp = vs_head + slot[:, None] * stride_vs_t + offs_g[None, :] * 2
+        k_s = tl.load(ksp).to(tl.float32)[:, :, None]
+        k_m = tl.load(ksp + 1).to(tl.float32)[:, :, None]
+        v_s = tl.load(vsp).to(tl.float32)[:, :, None]
+        v_m = tl.load(vsp + 1).to(tl.float32)[:, :, None]
+    return kc, k_s, k_m, vc, v_s, v_m
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, kd_ptr, ks_ptr, vd_ptr, vs_ptr, indptr_ptr, indices_ptr, lens_ptr,
     out_ptr, mid_o_ptr, mid_lse_ptr,
@@ -198,7 +240,7 @@ def _decode_split_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    rb = tl.zeros([BLOCK_H], dtype=tl.float32)  # per-row V bias (folded path)
+    rb = tl.zeros([BLOCK_H], dtype=tl.float32)  # per-row sum_n p * min_v (whole-head groups)
     acc_lo = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
     acc_hi = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
     kd_head = kd_ptr + h * stride_kd_h
@@ -206,30 +248,27 @@ def _decode_split_kernel(
     ks_head = ks_ptr + h * stride_ks_h
     vs_head = vs_ptr + h * stride_vs_h
 
+    # Software pipeline by hand: the slots of block i+1 and the K/V bytes of block i+1
+    # are requested before block i is computed, so each program keeps two blocks of
+    # gathers in flight instead of serialising index load -> K load -> V load.
+    slot = _block_slots(indices_ptr, req_base, start, offs_n, end, PAGE)
+    kc, k_s, k_m, vc, v_s, v_m = _load_block(kd_head, ks_head, vd_head, vs_head, slot,
+                                             stride_kd_t, stride_ks_t, stride_vd_t, stride_vs_t,
+                                             HALF, NG, GH)
+    slot = _block_slots(indices_ptr, req_base, start + BLOCK_N, offs_n, end, PAGE)
     for n0 in range(start, end, BLOCK_N):
-        t = n0 + offs_n
-        nmask = t < end
-        # masked tokens read slot 0 (always a valid row): the data gathers need no mask
-        if PAGE == 1:
-            slot = tl.load(indices_ptr + req_base + t, mask=nmask, other=0).to(tl.int64)
-        else:
-            page = tl.load(indices_ptr + req_base + t // PAGE, mask=nmask, other=0).to(tl.int64)
-            slot = page * PAGE + t % PAGE
+        nmask = (n0 + offs_n) < end
+        kc_n, k_s_n, k_m_n, vc_n, v_s_n, v_m_n = _load_block(
+            kd_head, ks_head, vd_head, vs_head, slot,
+            stride_kd_t, stride_ks_t, stride_vd_t, stride_vs_t, HALF, NG, GH)
+        slot = _block_slots(indices_ptr, req_base, n0 + 2 * BLOCK_N, offs_n, end, PAGE)
+
+        # codes are exact small integers in fp16: (1024 + n) - 1024 (no int->float cvt)
         if NG == 1:
-            kc = tl.load(kd_head + slot[:, None] * stride_kd_t + offs_j[None, :])
-            k_s = tl.load(ks_head + slot * stride_ks_t).to(tl.float32)
-            k_m = tl.load(ks_head + slot * stride_ks_t + 1).to(tl.float32)
-            qk = tl.dot(q_lo, tl.trans(_nib_lo(kc)))
-            qk = tl.dot(q_hi, tl.trans(_nib_hi(kc)), qk)
-            s = qk * k_s[None, :] + sum_q[:, None] * (k_m - 1024.0 * k_s)[None, :]
+            qk = tl.dot(q_lo, tl.trans(_nib_lo(kc) - 1024.0))
+            qk = tl.dot(q_hi, tl.trans(_nib_hi(kc) - 1024.0), qk)
+            s = qk * k_s[None, :] + sum_q[:, None] * k_m[None, :]
         else:
-            offs_g = tl.arange(0, NG)
-            offs_jj = tl.arange(0, GH)
-            byte3 = offs_g[None, :, None] * GH + offs_jj[None, None, :]
-            kc = tl.load(kd_head + slot[:, None, None] * stride_kd_t + byte3)
-            sc_ptr = ks_head + slot[:, None] * stride_ks_t + offs_g[None, :] * 2
-            k_s = tl.load(sc_ptr)[:, :, None]
-            k_m = tl.load(sc_ptr + 1)[:, :, None]
             k_lo = tl.reshape(((_nib_lo(kc) - 1024.0) * k_s + k_m).to(tl.float16), [BLOCK_N, HALF])
             k_hi = tl.reshape(((_nib_hi(kc) - 1024.0) * k_s + k_m).to(tl.float16), [BLOCK_N, HALF])
             s = tl.dot(q_lo, tl.trans(k_lo))
@@ -248,23 +287,17 @@ def _decode_split_kernel(
         m_i = m_new
 
         if NG == 1:
-            vc = tl.load(vd_head + slot[:, None] * stride_vd_t + offs_j[None, :])
-            v_s = tl.load(vs_head + slot * stride_vs_t).to(tl.float32)
-            v_m = tl.load(vs_head + slot * stride_vs_t + 1).to(tl.float32)
             ps = (p * v_s[None, :]).to(tl.float16)
-            acc_lo = tl.dot(ps, _nib_lo(vc), acc_lo * alpha[:, None])
-            acc_hi = tl.dot(ps, _nib_hi(vc), acc_hi * alpha[:, None])
-            rb = rb * alpha + tl.sum(p * v_m[None, :], 1) - 1024.0 * tl.sum(ps.to(tl.float32), 1)
+            acc_lo = tl.dot(ps, _nib_lo(vc) - 1024.0, acc_lo * alpha[:, None])
+            acc_hi = tl.dot(ps, _nib_hi(vc) - 1024.0, acc_hi * alpha[:, None])
+            rb = rb * alpha + tl.sum(p * v_m[None, :], 1)
         else:
-            vc = tl.load(vd_head + slot[:, None, None] * stride_vd_t + byte3)
-            sc_ptr = vs_head + slot[:, None] * stride_vs_t + offs_g[None, :] * 2
-            v_s = tl.load(sc_ptr)[:, :, None]
-            v_m = tl.load(sc_ptr + 1)[:, :, None]
             v_lo = tl.reshape(((_nib_lo(vc) - 1024.0) * v_s + v_m).to(tl.float16), [BLOCK_N, HALF])
             v_hi = tl.reshape(((_nib_hi(vc) - 1024.0) * v_s + v_m).to(tl.float16), [BLOCK_N, HALF])
             p16 = p.to(tl.float16)
             acc_lo = tl.dot(p16, v_lo, acc_lo * alpha[:, None])
             acc_hi = tl.dot(p16, v_hi, acc_hi * alpha[:, None])
+        kc, k_s, k_m, vc, v_s, v_m = kc_n, k_s_n, k_m_n, vc_n, v_s_n, v_m_n
 
     if DIRECT:
         inv_l = tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)

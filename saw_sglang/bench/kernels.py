@@ -133,10 +133,14 @@ def time_fns(fns, min_launches=50):
     return times[len(times) // 2]
 
 
-def copy_bandwidth_gbs(nbytes=1 << 30):
+def copy_bandwidth_gbs(nbytes=2 << 30):
     import torch
     a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
+    t0 = time.time()
+    while time.time() - t0 < 1.0:  # bring the clocks up from idle before timing
+        b.copy_(a)
+    torch.cuda.synchronize()
     ms = time_fns([lambda: b.copy_(a)], min_launches=20)
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
@@ -334,6 +338,7 @@ def main(argv=None):
     ap.add_argument("--out", default="out/bench-kernels", help="folder for JSON and PNG (default %(default)s)")
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
     ap.add_argument("--tune", action="store_true", help="also sweep decode configs (about 4 more minutes)")
+    ap.add_argument("--tune-only", action="store_true", help="only the decode config sweep")
     args = ap.parse_args(argv)
     import torch
     if not torch.cuda.is_available():
@@ -341,9 +346,13 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     copy_gbs = copy_bandwidth_gbs()
     print(f"device {torch.cuda.get_device_name()}; copy bandwidth {copy_gbs:.0f} GB/s (read + write)", file=sys.stderr)
-    results, pools = bench_decode(args, copy_gbs)
-    write = bench_write(pools)
-    tuned = tune(pools) if args.tune else None
+    if args.tune_only:
+        results, write = [], None
+        pools = Pools(max(b * c for _, b, c in TUNE_SHAPES) + 16 * 256)
+    else:
+        results, pools = bench_decode(args, copy_gbs)
+        write = bench_write(pools)
+    tuned = tune(pools) if (args.tune or args.tune_only) else None
     doc = dict(device=torch.cuda.get_device_name(), copy_gbs=copy_gbs, torch=torch.__version__,
                decode=results, write_ms=write, tune=tuned)
     with open(os.path.join(args.out, "kernels.json"), "w") as f:
