@@ -149,7 +149,6 @@ def _prefix_attn_kernel(
     acc_lo = tl.zeros([MR, D2], dtype=tl.float32)
     acc_hi = tl.zeros([MR, D2], dtype=tl.float32)
     acc_min = tl.zeros([MR], dtype=tl.float32)  # p @ min_v (NG == 1)
-    grp = tl.arange(0, NG)
 
     for start in range(kv_lo, kv_hi, BLOCK_N):
         t = start + tl.arange(0, BLOCK_N)
@@ -171,11 +170,10 @@ def _prefix_attn_kernel(
             qk = tl.dot(q_lo, k_lo) + tl.dot(q_hi, k_hi)
             s = qk * k_s[None, :] + q_sum[:, None] * k_m[None, :]
         else:
-            sp = ks_ptr[None, :] + grp[:, None] * stride_ksg  # [NG, N]
+            # per-column group scales gathered directly (repeats hit L1): no reshape
+            sp = ks_ptr[None, :] + (p // G2)[:, None] * stride_ksg  # [D/2, N]
             k_s = tl.load(sp, mask=t_ok[None, :], other=0.0)
             k_m = tl.load(sp + 1, mask=t_ok[None, :], other=0.0)
-            k_s = tl.reshape(tl.broadcast_to(k_s[:, None, :], (NG, G2, BLOCK_N)), (D2, BLOCK_N))
-            k_m = tl.reshape(tl.broadcast_to(k_m[:, None, :], (NG, G2, BLOCK_N)), (D2, BLOCK_N))
             s = tl.dot(q_lo, k_lo * k_s + k_m) + tl.dot(q_hi, k_hi * k_s + k_m)
         if USE_CAP:
             # cap * tanh(s / cap), then into the exp2 domain
@@ -205,11 +203,9 @@ def _prefix_attn_kernel(
             acc_hi += tl.dot(ps, v_hi)
             acc_min = acc_min * alpha + tl.sum(pr * v_m[None, :], 1)
         else:
-            sp = vs_ptr[:, None] + grp[None, :] * stride_vsg  # [N, NG]
+            sp = vs_ptr[:, None] + (p // G2)[None, :] * stride_vsg  # [N, D/2]
             v_s = tl.load(sp, mask=t_ok[:, None], other=0.0)
             v_m = tl.load(sp + 1, mask=t_ok[:, None], other=0.0)
-            v_s = tl.reshape(tl.broadcast_to(v_s[:, :, None], (BLOCK_N, NG, G2)), (BLOCK_N, D2))
-            v_m = tl.reshape(tl.broadcast_to(v_m[:, :, None], (BLOCK_N, NG, G2)), (BLOCK_N, D2))
             p16 = pr.to(tl.float16)
             acc_lo += tl.dot(p16, v_lo * v_s + v_m)
             acc_hi += tl.dot(p16, v_hi * v_s + v_m)
