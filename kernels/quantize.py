@@ -216,16 +216,23 @@ def quantize_and_store(k, v, loc, k_data, k_scales, v_data, v_scales, fmt: Int4K
                              f"got {buf.dtype} {tuple(buf.shape)}")
     if t == 0:
         return
+    _launch_quantize(k, v, loc, k_data, k_scales, v_data, v_scales, fmt)
+
+
+def _launch_quantize(k, v, loc, k_data, k_scales, v_data, v_scales, fmt, block_t=None,
+                     num_warps=4, programs=None):
+    """The launch itself, with the tuning knobs exposed for tests/gpu/quantize_speed.py."""
+    t, h, d = k.shape
     c, inv_sqrt_b = _consts(fmt)
-    bt = _block_t(d)
+    bt = block_t or _block_t(d)
     tiles = triton.cdiv(t, bt)
-    grid_t = min(tiles, max(1, _target_programs(k.device) // (2 * h)))
+    grid_t = min(tiles, max(1, (programs or _target_programs(k.device)) // (2 * h)))
     _quantize_kv_kernel[(grid_t, h, 2)](
         k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), loc,
         k_data, k_scales, v_data, v_scales,
         t, h, inv_sqrt_b,
         BLOCK_T=bt, ROT_K=fmt.k_rotated, ROT_V=fmt.v_rotated, CLAMP_V=CLAMP,
-        num_warps=4, **c,
+        num_warps=num_warps, **c,
     )
 
 

@@ -4,9 +4,14 @@ Tolerances, and why:
   * The kernel rotates with a tensor-core dot (fp32 accumulation in another order than
     the torch reference), so a rotated value may differ by a few fp32 ulps. That can
     move fp16(scale) or fp16(min) by one fp16 ulp and a code by one at a rounding
-    boundary. So: scales and mins within 1 fp16 ulp, codes never off by more than 1
-    and equal for >= 99% of elements. Without rotation on CPU the arithmetic is the
-    reference's, op for op, and everything must be bit-equal.
+    boundary. So: scales and mins within 1 fp16 ulp; in groups whose (scale, min) are
+    equal, codes never off by more than 1 and >= 99% equal; a group whose min moved
+    by an ulp (>= 99% must not) is compared by value: one step plus the moves.
+    Without rotation on CPU the arithmetic is the reference's, op for op: bit-equal.
+  * Where the reference's fp32 rotation leaves cancellation residue (a constant row
+    rotates to one value and exact zeros; the kernel's +-1 sums are exact), values
+    within B * 2^-23 of the token-head magnitude count as equal and the codes of such
+    noise-only groups are not compared.
   * Dequantisation of the same bytes: within fp32 rounding (a B-term sum of values
     up to max|x|).
 """
@@ -63,12 +68,42 @@ def assert_slots_match(got, want, fmt, slots, exact, min_equal=0.99):
         assert torch.equal(gs, ws), "scales differ from the reference"
         assert torch.equal(gd, wd), "packed codes differ from the reference"
         return
+    # fp32 noise of a B-term rotation, relative to the token-head's magnitude: the
+    # reference's cancellations (e.g. a constant row rotates to one value and exact
+    # zeros) leave residues of this size, where the kernel's +-1 sums are exact.
+    wsf, gsf = ws.float(), gs.float()
+    mag = torch.maximum(wsf[..., 1].abs(), (wsf[..., 1] + 15 * wsf[..., 0]).abs()).amax(-1)
+    noise = (fmt.block_size * 2**-23 * mag)[:, :, None]
+    degenerate = 15 * wsf[..., 0] <= noise  # the reference quantised rounding noise
+    assert (15 * gsf[..., 0][degenerate] <= noise.expand_as(degenerate)[degenerate]).all()
     ulps = fp16_ulp_distance(gs, ws)
-    assert ulps.max() <= 1, f"scale/min off by {int(ulps.max())} fp16 ulps"
-    diff = (gc - wc).abs()
-    assert diff.max() <= 1, f"a code is off by {int(diff.max())}"
-    frac = (diff == 0).float().mean().item()
+    close = (ulps <= 1) | ((gsf - wsf).abs() <= noise[..., None])
+    assert close.all(), f"scale/min off by {int(ulps[~close].max())} fp16 ulps"
+    # Where (scale, min) are equal the codes must agree to +-1; where one of them moved
+    # by an ulp all codes of the group shift (a min of 2654 has an fp16 ulp of 2, which
+    # may be many steps), so there compare the dequantised values instead.
+    same = (gsf == wsf).all(-1) & ~degenerate
+    moved = ~(gsf == wsf).all(-1) & ~degenerate
+    n_groups = int((~degenerate).sum())
+    assert int(same.sum()) >= min_equal * n_groups, f"{int(moved.sum())} of {n_groups} groups moved"
+    keep = same.repeat_interleave(fmt.group_size, -1)
+    full = (gc - wc).abs() * keep
+    if full.max() > 1:
+        i, h, e = (full > 1).nonzero()[0].tolist()
+        g = e // fmt.group_size
+        raise AssertionError(
+            f"a code is off by {int(full.max())} at row {i} head {h} group {g}: kernel "
+            f"scale/min {gs[i, h, g].tolist()} vs reference {ws[i, h, g].tolist()}")
+    diff = (gc - wc).abs()[keep]
+    frac = (diff == 0).float().mean().item() if diff.numel() else 1.0
     assert frac >= min_equal, f"only {frac:.4f} of codes equal the reference"
+    if moved.any():
+        gv = ref.dequantize_values(gd, gs, fmt, rotated=False).reshape(gc.shape[:-1] + (fmt.num_groups, -1))
+        wv = ref.dequantize_values(wd, ws, fmt, rotated=False).reshape(gv.shape)
+        d_s, d_m = (gsf - wsf).abs().unbind(-1)
+        bound = d_m + 15 * d_s + torch.maximum(gsf[..., 0], wsf[..., 0])
+        err = (gv - wv).abs().amax(-1)
+        assert (err[moved] <= 1.001 * bound[moved] + 1e-6).all(), "a moved group dequantises too far off"
 
 
 def run_and_compare(k, v, loc, fmt, rows, exact, device):

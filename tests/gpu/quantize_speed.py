@@ -1,0 +1,99 @@
+"""Time the INT4 cache write: rotation on (K, K+V) vs off vs a BF16 slot store.
+
+    python tests/gpu/quantize_speed.py [--sweep]
+
+Prints microseconds per layer write (CUDA-graph timed), the achieved bandwidth and
+the rotation overhead (target: K-rotation <= 1.05x the no-rotation kernel). --sweep
+also tries tile sizes / warps / program counts at the largest T and prints the best.
+Numbers are printed, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import triton.testing
+
+from saw_sglang.kernels.format import Int4KVFormat
+from saw_sglang.kernels.quantize import _launch_quantize, quantize_and_store
+
+
+def _inputs(t, hq, hkv, d, rows):
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, device="cuda", dtype=torch.bfloat16)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
+    v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
+    loc = torch.randperm(rows, device="cuda")[:t]
+    return k, v, loc
+
+
+def _time(fn):
+    fn()
+    return triton.testing.do_bench_cudagraph(fn, rep=200) * 1e3  # us
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", default="1,64,512,2048,8192")
+    ap.add_argument("--head-dims", default="128,64,256")
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--sweep", action="store_true")
+    args = ap.parse_args()
+    hq = 4 * args.kv_heads
+    print(f"{'D':>4} {'T':>6} {'bf16 store':>11} {'int4 none':>10} {'int4 K':>8} {'int4 K+V':>9} "
+          f"{'K/none':>7} {'KV/none':>8} {'GB/s none':>10} {'GB/s K':>8}")
+    for d in map(int, args.head_dims.split(",")):
+        for t in map(int, args.tokens.split(",")):
+            rows = max(4 * t, 4096)
+            k, v, loc = _inputs(t, hq, args.kv_heads, d, rows)
+            kb = torch.empty(rows, args.kv_heads, d, device="cuda", dtype=torch.bfloat16)
+            vb = torch.empty_like(kb)
+
+            def bf16_store():
+                kb[loc] = k
+                vb[loc] = v
+
+            res = {"bf16": _time(bf16_store)}
+            for name, fmt in (
+                ("none", Int4KVFormat(head_dim=d, rotation="none")),
+                ("k", Int4KVFormat(head_dim=d)),
+                ("kv", Int4KVFormat(head_dim=d, rotate_v=True)),
+            ):
+                bufs = fmt.alloc(rows, args.kv_heads, "cuda") + fmt.alloc(rows, args.kv_heads, "cuda")
+                res[name] = _time(lambda: quantize_and_store(k, v, loc, *bufs, fmt))
+            moved = 2 * t * args.kv_heads * (2 * d + fmt.bytes_per_token_head)  # read + write
+            print(f"{d:>4} {t:>6} {res['bf16']:>11.2f} {res['none']:>10.2f} {res['k']:>8.2f} "
+                  f"{res['kv']:>9.2f} {res['k'] / res['none']:>7.3f} {res['kv'] / res['none']:>8.3f} "
+                  f"{moved / res['none'] / 1e3:>10.0f} {moved / res['k'] / 1e3:>8.0f}")
+    if args.sweep:
+        _sweep(hq, args.kv_heads, int(args.tokens.split(",")[-1]))
+
+
+def _sweep(hq, hkv, t):
+    print(f"\nsweep at T={t}, Hkv={hkv}: (D, block_t, warps, programs) -> us none / K / K+V")
+    for d in (128, 64, 256):
+        rows = 4 * t
+        k, v, loc = _inputs(t, hq, hkv, d, rows)
+        best = {}
+        for bt, nw, progs in itertools.product((16, 32, 64, 128), (4, 8), (528, 1056, 4224)):
+            if bt * d > 32768:
+                continue
+            line = []
+            for name, fmt in (("none", Int4KVFormat(head_dim=d, rotation="none")),
+                              ("k", Int4KVFormat(head_dim=d)),
+                              ("kv", Int4KVFormat(head_dim=d, rotate_v=True))):
+                bufs = fmt.alloc(rows, hkv, "cuda") + fmt.alloc(rows, hkv, "cuda")
+                us = _time(lambda: _launch_quantize(k, v, loc, *bufs, fmt, block_t=bt,
+                                                    num_warps=nw, programs=progs))
+                line.append(us)
+                if us < best.get(name, (float("inf"),))[0]:
+                    best[name] = (us, bt, nw, progs)
+            print(f"  D={d} bt={bt:>3} warps={nw} programs={progs:>4}: "
+                  + " / ".join(f"{x:.2f}" for x in line))
+        print(f"  best D={d}: " + ", ".join(f"{n} {b[0]:.2f}us (bt={b[1]}, warps={b[2]}, programs={b[3]})"
+                                            for n, b in best.items()))
+
+
+if __name__ == "__main__":
+    main()
