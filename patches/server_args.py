@@ -199,6 +199,10 @@ def check_features(args) -> None:
         _fail("the page-major KV layout", "Drop --enable-page-major-kv-layout.")
     if os.environ.get("SGLANG_USE_HND_KVCACHE", "").lower() in ("1", "true", "yes"):
         _fail("the HND KV layout", "Unset SGLANG_USE_HND_KVCACHE.")
+    if os.environ.get("SGLANG_NATIVE_MOVE_KV_CACHE", "").lower() in ("1", "true", "yes"):
+        # the native move reads 4-D buffers as [pages, page, heads, dim]: it would
+        # copy one head of the [rows, heads, groups, 2] scale buffers
+        _fail("SGLANG_NATIVE_MOVE_KV_CACHE", "Unset it (the default slot copy moves scales).")
 
 
 def validate(args) -> None:
