@@ -10,3 +10,6 @@ from saw_sglang.version_guard import check_sglang_version
 
 def load() -> None:
     check_sglang_version()
+    from saw_sglang.patches import apply_all
+
+    apply_all()

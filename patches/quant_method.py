@@ -1,0 +1,128 @@
+"""SGLang KV quant method for SAW-INT4: the buffers, the write, fallback reads.
+
+SGLang's own `MHATokenToKVPool` drives it (`quant_method=`), the same framework its
+FP4 KV cache uses, so radix cache, chunked prefill, memory saver and slot moves
+(which copy the scale buffers too) keep working. Per layer the pool holds
+  k_buffer / v_buffer              uint8   [rows, H, D/2]   packed codes
+  k_scale_buffer / v_scale_buffer  float16 [rows, H, NG, 2] (scale, min)
+and `pool.get_raw_kv_buffer(layer)` hands all four to the INT4 attention backends.
+
+No attention access rule is declared: `get_key_buffer` / `get_value_buffer`
+return the packed bytes as they are (never a dequantised layer), and SGLang's
+stock FlashInfer backend refuses the pool instead of misreading it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sglang.srt.layers.quantization.fp4_kv_cache_quant_method import (
+    KV_CACHE_ATTENTION_ACCESS_REGISTRY,
+    KVCacheQuantMethodBase,
+)
+
+from saw_sglang.kernels.format import Int4KVFormat
+
+NAME = "saw_int4"
+
+
+def _load_kernels(device) -> tuple:
+    """(quantize_and_store, dequantize) implementations for buffers on `device`.
+
+    The Triton kernels are required wherever they can run; only a CPU pool without
+    them (the unit tests, before the kernels exist) may use the torch reference."""
+    try:
+        from saw_sglang.kernels import quantize as q
+
+        return q.quantize_and_store, q.dequantize
+    except (ImportError, AttributeError) as e:
+        if torch.device(device).type != "cpu":
+            raise RuntimeError(
+                "--kv-cache-dtype int4 needs the INT4 write kernel "
+                "(saw_sglang.kernels.quantize), which failed to import: "
+                f"{e}. Reinstall saw-sglang."
+            ) from e
+        from saw_sglang.kernels import reference as ref
+
+        return ref.quantize_and_store_ref, ref.dequantize_ref
+
+
+class SawInt4KVCacheMethod(KVCacheQuantMethodBase):
+    name = NAME
+
+    def __init__(self, fmt: Int4KVFormat):
+        self.fmt = fmt
+        self.SCALE_BLOCK_SIZE = fmt.group_size
+        self._quantize_and_store = self._dequantize = None
+
+    def _kernels(self, device):
+        if self._quantize_and_store is None:
+            self._quantize_and_store, self._dequantize = _load_kernels(device)
+
+    def create_buffers(self, size, head_num, head_dim, layer_num, device) -> dict:
+        if head_dim != self.fmt.head_dim:
+            raise ValueError(
+                f"INT4 KV format was built for head_dim {self.fmt.head_dim}, "
+                f"the pool has {head_dim}"
+            )
+        self._kernels(device)  # fail at startup, not at the first write
+        f = self.fmt
+        new = lambda shape, dtype: [  # noqa: E731
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(layer_num)
+        ]
+        return {
+            "k_buffer": new(f.data_shape(size, head_num), torch.uint8),
+            "v_buffer": new(f.data_shape(size, head_num), torch.uint8),
+            "k_scale_buffer": new(f.scale_shape(size, head_num), torch.float16),
+            "v_scale_buffer": new(f.scale_shape(size, head_num), torch.float16),
+            "dq_k_buffer": None,
+            "dq_v_buffer": None,
+            "store_dtype": torch.uint8,
+        }
+
+    def quantize_and_store(
+        self, k_buffer, v_buffer, k_scale_buffer, v_scale_buffer, loc, cache_k, cache_v,
+        k_scale=None, v_scale=None,
+    ) -> None:
+        # k_scale / v_scale are FP8 checkpoint scales: INT4 computes its own per
+        # token-head scales from the BF16 values, so they are not used.
+        self._kernels(k_buffer.device)
+        h, d = k_buffer.shape[1], self.fmt.head_dim
+        if cache_k.dim() != 3:  # [T, H*D] callers; [T, H, D] may keep a row stride
+            cache_k, cache_v = cache_k.view(-1, h, d), cache_v.view(-1, h, d)
+        self._quantize_and_store(
+            cache_k, cache_v, loc,
+            k_buffer, k_scale_buffer, v_buffer, v_scale_buffer, self.fmt,
+        )
+
+    # -- fallbacks (debugging, tests): never on the attention hot path ------------
+    def dequantize_kv_tensor(
+        self, fp4_tensor: Tensor, scales: Tensor, layer_id: int, dtype=None, *,
+        is_value: bool = False,
+    ) -> Tensor:
+        """All rows of one packed K (or V with is_value=True) buffer -> [rows, H, D]."""
+        self._kernels(fp4_tensor.device)
+        loc = torch.arange(fp4_tensor.shape[0], device=fp4_tensor.device)
+        rotated = self.fmt.v_rotated if is_value else self.fmt.k_rotated
+        return self._dequantize(
+            fp4_tensor, scales, loc, self.fmt, rotated, dtype=dtype or torch.bfloat16
+        )
+
+    def dequantize_prev_kv(self, k_fp4, k_scales, v_fp4, v_scales, layer_id):
+        return (
+            self.dequantize_kv_tensor(k_fp4, k_scales, layer_id),
+            self.dequantize_kv_tensor(v_fp4, v_scales, layer_id, is_value=True),
+        )
+
+    def compute_cell_size(self, head_num, head_dim, num_layers, kv_size=None) -> int:
+        """K + V bytes per token (packed data + fp16 scale/min), all layers."""
+        return self.fmt.bytes_per_token(head_num, num_layers)
+
+
+def apply() -> bool:
+    """Declare the method to SGLang's access registry with no rules (see above)."""
+    if NAME in KV_CACHE_ATTENTION_ACCESS_REGISTRY:
+        return False
+    KV_CACHE_ATTENTION_ACCESS_REGISTRY[NAME] = ()
+    return True

@@ -1,0 +1,114 @@
+"""User-facing options of the INT4 KV cache: one definition for the CLI flags,
+the `ServerArgs` attributes and the `Engine` keyword arguments.
+
+Every option is `--saw-...` on the command line and `saw_...` in Python. They only
+matter with `--kv-cache-dtype int4`. No SGLang import here: the patches read this
+module, not the other way round.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+from saw_sglang.kernels.format import ROTATIONS, Int4KVFormat
+
+KV_CACHE_DTYPE = "int4"
+
+
+@dataclass(frozen=True)
+class SawConfig:
+    """The INT4 KV options as given by the user (None = derived from head_dim)."""
+
+    saw_rotation: str = "hadamard"
+    saw_hadamard_block_size: int | None = None
+    saw_group_size: int | None = None
+    saw_rotate_v: bool = False
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_object(cls, obj) -> "SawConfig":
+        """Read the options off a ServerArgs (or any object / dict); missing = default."""
+        get = obj.get if isinstance(obj, dict) else (lambda k, d: getattr(obj, k, d))
+        default = cls()
+        return cls(**{n: get(n, getattr(default, n)) for n in cls.names()})
+
+    def fmt(self, head_dim: int) -> Int4KVFormat:
+        """The KV format for a model with this head_dim; raises ValueError naming the flag."""
+        try:
+            fmt = Int4KVFormat(
+                head_dim=head_dim,
+                group_size=self.saw_group_size,
+                rotation=self.saw_rotation,
+                block_size=self.saw_hadamard_block_size,
+                rotate_v=self.saw_rotate_v,
+            )
+        except ValueError as e:
+            raise ValueError(
+                f"--kv-cache-dtype int4: {e}. Fix --saw-group-size / "
+                f"--saw-hadamard-block-size / --saw-rotation (or leave them unset for "
+                f"the defaults: group {head_dim}, block {min(128, head_dim)})."
+            ) from None
+        # Slot moves copy each per-layer buffer with the data row's byte count as the
+        # tile span: the scale row (4 B per group) must not be longer than the data
+        # row (head_dim / 2 B), i.e. group size >= 8.
+        if fmt.group_size < 8:
+            raise ValueError(
+                f"--saw-group-size {fmt.group_size} is too small: use at least 8 "
+                f"(a divisor of head_dim {head_dim}, e.g. {head_dim} or 32)."
+            )
+        return fmt
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _power_of_two(text: str) -> int:
+    value = _positive_int(text)
+    if value & (value - 1):
+        raise argparse.ArgumentTypeError(f"expected a power of two, got {value}")
+    return value
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Add the --saw-* flags (idempotent per parser)."""
+    if any(a.dest == "saw_rotation" for a in parser._actions):
+        return
+    d = SawConfig()
+    g = parser.add_argument_group(
+        "saw-sglang INT4 KV cache", "Options of --kv-cache-dtype int4 (ignored otherwise)."
+    )
+    g.add_argument(
+        "--saw-rotation", choices=ROTATIONS, default=d.saw_rotation,
+        help="Rotation applied before quantizing: block-diagonal Hadamard (default) "
+        "or none (naive INT4).",
+    )
+    g.add_argument(
+        "--saw-hadamard-block-size", type=_power_of_two, default=d.saw_hadamard_block_size,
+        help="Hadamard block size, a power of two dividing head_dim "
+        "(default: min(128, head_dim)).",
+    )
+    g.add_argument(
+        "--saw-group-size", type=_positive_int, default=d.saw_group_size,
+        help="Channels sharing one scale/min pair, an even divisor of head_dim, at "
+        "least 8 (default: head_dim, one group per token-head).",
+    )
+    g.add_argument(
+        "--saw-rotate-v", action=argparse.BooleanOptionalAction, default=d.saw_rotate_v,
+        help="Also rotate V (default: off; K is always rotated when rotation is on).",
+    )
+
+
+def from_namespace(ns: argparse.Namespace) -> dict:
+    """The saw_* values found on an argparse namespace."""
+    return {n: getattr(ns, n) for n in SawConfig.names() if hasattr(ns, n)}
