@@ -94,14 +94,19 @@ def test_unmet_requirements_reports_declared_but_missing(tmp_path):
 
 
 # ---------------------------------------------------------------- parts
-@pytest.mark.parametrize("size,part_mib", [(2_500_000, 1.0), (1 << 20, 1.0), (1000, 0.5)])
-def test_split_respects_limit_and_reassembles(tmp_path, size, part_mib):
+@pytest.mark.parametrize("balanced", [True, False])
+@pytest.mark.parametrize("size,part_mib", [(2_500_000, 1.0), (1 << 20, 1.0), (1000, 0.5),
+                                           (3 * (1 << 20) + 1, 1.0)])
+def test_split_respects_limit_and_reassembles(tmp_path, size, part_mib, balanced):
     data = random.Random(size).randbytes(size)
     src = tmp_path / "saw-bundle.tar"
     src.write_bytes(data)
-    parts = B.split(src, part_mib, tmp_path / "parts")
-    assert len(parts) == -(-size // int(part_mib * B.MiB))
-    assert all(p.stat().st_size <= part_mib * B.MiB for p in parts)
+    parts = B.split(src, part_mib, tmp_path / "parts", balanced=balanced)
+    sizes = [p.stat().st_size for p in parts]
+    assert len(parts) == -(-size // int(part_mib * B.MiB))  # never more parts than needed
+    assert all(s <= part_mib * B.MiB for s in sizes)
+    if balanced:
+        assert max(sizes) - min(sizes) <= len(parts)
     assert b"".join(p.read_bytes() for p in parts) == data
     man = B.write_manifest(tmp_path / "parts", src, parts, [], {})
     assert man["bundle_sha256"] == hashlib.sha256(data).hexdigest()

@@ -137,11 +137,19 @@ def pack(files: list[pathlib.Path], out: pathlib.Path) -> None:
                 tar.addfile(info, f)
 
 
-def split(path: pathlib.Path, part_mib: float, out_dir: pathlib.Path) -> list[pathlib.Path]:
-    """Cut a file into parts of at most part_mib MiB: NAME.part01, NAME.part02, ..."""
+def split(path: pathlib.Path, part_mib: float, out_dir: pathlib.Path,
+          balanced: bool = True) -> list[pathlib.Path]:
+    """Cut a file into parts of at most part_mib MiB: NAME.part01, NAME.part02, ...
+
+    balanced: as few parts as the limit allows, of (nearly) equal size, so that every
+    transfer keeps the same headroom under the limit."""
     limit = int(part_mib * MiB)
     if limit <= 0:
         raise ValueError("part size must be positive")
+    size = path.stat().st_size
+    if balanced and size:
+        count = -(-size // limit)
+        limit = -(-size // count)
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob(path.name + ".part*"):
         old.unlink()

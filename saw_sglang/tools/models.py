@@ -35,7 +35,7 @@ QWEN3_8B = dict(
     hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
     num_attention_heads=32, num_key_value_heads=8, head_dim=128,
     max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
-    hidden_act="silu", attention_bias=False, tie_word_embeddings=False,
+    hidden_act="silu", attention_bias=False, tie_word_embeddings=False, max_window_layers=36,
 )
 
 
