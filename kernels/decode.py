@@ -44,7 +44,8 @@ DEFAULT_NUM_SMS = 132
 # the split policy. Update from `python -m saw_sglang.bench.kernels --tune`.
 DEFAULT_CONFIGS: dict[tuple[int, int], dict] = {
     (64, 64): dict(block_n=64, num_warps=4, num_stages=3, waves=8),
-    (128, 128): dict(block_n=64, num_warps=4, num_stages=3, waves=8),
+    # H200, 32/8 heads: best of 72 configs at batch 64 x 8k and 256 x 2k (bench --tune-only)
+    (128, 128): dict(block_n=128, num_warps=4, num_stages=2, waves=4),
     (256, 256): dict(block_n=32, num_warps=4, num_stages=3, waves=8),
 }
 FALLBACK_CONFIG = dict(block_n=32, num_warps=4, num_stages=2, waves=8)

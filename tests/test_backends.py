@@ -197,7 +197,9 @@ def test_register_wraps_the_real_original(clean_registry):
     from saw_sglang.patches import attention_flashinfer, attention_triton
     from sglang.srt.layers.attention import attention_registry as reg
 
-    real = {n: reg.ATTENTION_BACKENDS[n] for n in ("flashinfer", "triton")}
+    # the originals, also when an earlier test already applied the plugin in this process
+    real = {n: getattr(reg.ATTENTION_BACKENDS[n], "_saw_int4_original", reg.ATTENTION_BACKENDS[n])
+            for n in ("flashinfer", "triton")}
     attention_flashinfer.register()
     attention_triton.register()
     attention_triton.register()

@@ -99,7 +99,8 @@ def test_slot_moves_and_size_include_scales():
     pool = make_pool(fmt, heads=2, layers=2, size=32)
     layer = RadixAttention(num_heads=2, head_dim=64, scaling=0.1, num_kv_heads=2, layer_id=1)
     src = torch.tensor([3, 4, 5])
-    pool.set_kv_buffer(layer, src, torch.randn(3, 2, 64), torch.randn(3, 2, 64))
+    pool.set_kv_buffer(layer, src, torch.randn(3, 2, 64, dtype=torch.bfloat16),
+                      torch.randn(3, 2, 64, dtype=torch.bfloat16))
     tgt = torch.tensor([20, 21, 22])
     assert len(pool._slot_move_pointer_buffers()) == 4 * 2  # k, v, k scales, v scales
     stride0 = int(pool.data_strides[0])
