@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="HF dataset NAME[:CONFIG] (needs network or a local cache)")
     p.add_argument("--dataset-split", default="test")
     p.add_argument("--dataset-column", default="text")
-    p.add_argument("--tokens", type=int, default=1024, help="scored tokens in all (default 1024)")
+    p.add_argument("--tokens", type=int, default=3072, help="scored tokens in all (default 3072)")
     p.add_argument("--ctx", type=int, default=256, help="tokens per teacher-forced window (default 256)")
     p.add_argument("--modes", help="comma-separated mode specs, e.g. bf16,fp8_e4m3,int4:rot=none,int4,"
                    "int4:b=16,int4:v,int4:g=32,int4:keep=0.1 (default: a sweep for the model's head_dim)")

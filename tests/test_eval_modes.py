@@ -1,0 +1,109 @@
+"""The accuracy tool's KV modes are exactly the project's reference round trips, and
+its attention hook leaves BF16 untouched and sees the rotation's benefit."""
+
+import pytest
+import torch
+
+from saw_sglang.eval.hook import kv_mode, register
+from saw_sglang.eval.modes import KVMode, default_specs, parse_mode
+from saw_sglang.eval.score import simulate
+from saw_sglang.kernels import reference as ref
+from saw_sglang.kernels.format import Int4KVFormat
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 64), (1, 1, 7, 128), (4, 9, 32)])
+@pytest.mark.parametrize("spec", ["int4", "int4:rot=none", "int4:b=16", "int4:b=32:v", "int4:g=32",
+                                  "int4:rot=none:g=32", "int4:b=16:g=16:v"])
+def test_int4_roundtrip_is_reference(shape, spec):
+    d = shape[-1]
+    m = parse_mode(spec, d)
+    x = torch.randn(shape, dtype=torch.bfloat16) * 3
+    x[..., 5] *= 40  # an outlier channel
+    for is_key in (True, False):
+        rotated = m.fmt.k_rotated if is_key else m.fmt.v_rotated
+        want = ref.dequantize_values(*ref.quantize(x, m.fmt, rotated), m.fmt, rotated).to(x.dtype)
+        got = m.roundtrip(x, layer=3, is_key=is_key)
+        assert got.dtype == x.dtype and torch.equal(got, want)
+    assert m.fmt.k_rotated == ("rot=none" not in spec)
+    assert m.fmt.v_rotated == (":v" in spec)
+
+
+def test_fp8_bf16_and_kept_layers():
+    x = torch.randn(3, 2, 6, 64, dtype=torch.bfloat16) * 50
+    assert torch.equal(parse_mode("bf16", 64).roundtrip(x, 0, True), x)
+    fp8 = parse_mode("fp8_e4m3", 64)
+    assert torch.equal(fp8.roundtrip(x, 0, True), x.to(torch.float8_e4m3fn).to(x.dtype))
+    keep = parse_mode("int4:keep=0.2", 64)
+    assert torch.equal(keep.roundtrip(x, 2, True), x)
+    assert not torch.equal(keep.roundtrip(x, 1, True), x)
+    assert parse_mode("int4", 64, keep_layers=[1]).keep_layers == {1}
+    # fp32 activations are first cast to the BF16 an engine writes
+    xf = torch.randn(2, 64)
+    assert torch.equal(parse_mode("bf16", 64).roundtrip(xf, 0, True), xf.bfloat16().float())
+
+
+@pytest.mark.parametrize("d,kvh,layers", [(64, 3, 30), (256, 1, 18), (128, 8, 36)])
+def test_bytes_per_token_from_format(d, kvh, layers):
+    bf16 = 2 * layers * kvh * d * 2
+    assert parse_mode("bf16", d).bytes_per_token(kvh, layers, d) == bf16
+    assert parse_mode("fp8_e4m3", d).bytes_per_token(kvh, layers, d) == bf16 // 2
+    for g in (d, 32):
+        m = parse_mode(f"int4:g={g}", d)
+        assert m.bytes_per_token(kvh, layers, d) == Int4KVFormat(d, group_size=g).bytes_per_token(kvh, layers)
+    kept = parse_mode("int4:keep=0.1", d).bytes_per_token(kvh, layers, d)
+    assert kept == Int4KVFormat(d).bytes_per_token(kvh, layers - 2) + 2 * (bf16 // layers)
+
+
+def test_specs_parse_and_reject():
+    for d in (64, 128, 256):
+        for s in default_specs(d):
+            parse_mode(s, d)
+    for bad in ("int8", "int4:b=3", "int4:g=48", "int4:zz=1", "fp8_e4m3:b=16"):
+        with pytest.raises(ValueError):
+            parse_mode(bad, 64)
+
+
+def _tiny_llama(seed, heavy_k=0.0, layers=2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                      max_position_embeddings=128, initializer_range=0.15,
+                      attn_implementation=register())
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    if heavy_k:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                w = layer.self_attn.k_proj.weight.view(2, 32, 64)  # [kv head, channel, hidden]
+                w[:, 3] *= heavy_k  # channel 3 and its RoPE partner 19 carry the outlier
+                w[:, 19] *= heavy_k
+    return model
+
+
+def test_bf16_mode_reproduces_unquantized_logits():
+    model = _tiny_llama(0)
+    ids = torch.randint(0, 97, (2, 40))
+    with torch.no_grad(), kv_mode(KVMode("bf16", "bf16")):
+        ours = model(ids).logits
+    model.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        stock = model(ids).logits
+    assert torch.equal(ours, stock)
+    # and a quantized mode does change them (the hook is live)
+    model.config._attn_implementation = register()
+    with torch.no_grad(), kv_mode(parse_mode("int4:rot=none", 32)):
+        assert not torch.equal(model(ids).logits, stock)
+
+
+@pytest.mark.parametrize("seed", [1, 5])
+def test_rotation_lowers_kl_with_planted_outlier(seed):
+    # initializer_range 0.15: attention that matters (default-size weights barely attend)
+    model = _tiny_llama(seed, heavy_k=25.0)
+    gen = torch.Generator().manual_seed(seed + 1)
+    wins = [torch.randint(0, 97, (48,), generator=gen).tolist() for _ in range(3)]
+    modes = [parse_mode(s, 32) for s in ("bf16", "int4:rot=none", "int4")]
+    t = {k: v.metrics() for k, v in simulate(model, wins, modes, "cpu").items()}
+    assert t["bf16"]["kl"] == 0 and t["bf16"]["top1_agree"] == 1
+    assert t["int4:rot=none"]["kl"] > 0
+    assert t["int4"]["kl"] < 0.7 * t["int4:rot=none"]["kl"], t

@@ -1,0 +1,83 @@
+"""The server engine against a fake SGLang /generate endpoint on loopback (real HTTP)."""
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from saw_sglang.eval import server
+
+
+def fake_logprob(prefix_len: int, token: int) -> float:
+    """The fake model: a deterministic log-probability for token at position prefix_len."""
+    return -0.05 * ((token * 7 + prefix_len) % 13) - 0.01
+
+
+def fake_top(prefix_len: int) -> int:
+    return (prefix_len * 3) % 11
+
+
+class FakeSGLang(BaseHTTPRequestHandler):
+    requests_seen: list = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert self.path == "/generate" and body["return_logprob"]
+        assert body["sampling_params"]["max_new_tokens"] == 1
+        ids, s = body["input_ids"], body["logprob_start_len"]
+        FakeSGLang.requests_seen.append((len(ids), s))
+        # SGLang's shape: entries for tokens s.., the first None; [logprob, token id, text]
+        lps = [[None, ids[s], None]] + [[fake_logprob(i, ids[i]), ids[i], None] for i in range(s + 1, len(ids))]
+        meta = {"input_token_logprobs": lps}
+        if body.get("top_logprobs_num"):
+            meta["input_top_logprobs"] = [None] + [[[-0.1, fake_top(i), None]] for i in range(s + 1, len(ids))]
+        out = json.dumps({"text": "x", "meta_info": meta}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def url():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeSGLang)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    FakeSGLang.requests_seen = []
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.parametrize("step", [1, 5, 64])
+def test_server_perplexity_from_logprobs(url, step):
+    import random
+
+    rng = random.Random(step)
+    wins = [[rng.randrange(1000) for _ in range(n)] for n in (17, 30)]
+    tally, tops = server.score(url, wins, step)
+    want = [fake_logprob(i, w[i]) for w in wins for i in range(1, len(w))]
+    m = tally.metrics()
+    assert m["tokens"] == len(want)
+    assert m["ppl"] == pytest.approx(math.exp(-sum(want) / len(want)), rel=1e-12)
+    assert tops == [[fake_top(i) for i in range(1, len(w))] for w in wins]
+    # every request extends the previous by `step` tokens and asks only for the new ones
+    expected = []
+    for w in wins:
+        for done in range(1, len(w), step):
+            expected.append((min(len(w), done + step), done - 1))
+    assert FakeSGLang.requests_seen == expected
+
+
+def test_server_top1_agreement(url):
+    wins = [list(range(40, 60))]
+    ref = [[fake_top(i) if i % 4 else -1 for i in range(1, 20)]]  # 4, 8, 12, 16 differ
+    tally, _ = server.score(url, wins, 19, ref_tops=ref)
+    assert tally.metrics()["top1_agree"] == pytest.approx(15 / 19)
+    assert math.isnan(tally.metrics()["kl"])
