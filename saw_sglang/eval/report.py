@@ -65,7 +65,8 @@ def plot(path: Path, rows: list[dict], title: str) -> bool:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("Hadamard block size")
     ax.set_ylabel("mean KL to BF16")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -28,16 +28,18 @@ def load_text(path: str | None = None, dataset: str | None = None,
 
 
 def windows(tokenizer, text: str, ctx: int, max_tokens: int) -> list[list[int]]:
-    """Token windows of `ctx` tokens (BOS first when the tokenizer has one), `max_tokens`
-    scored tokens in all at most."""
-    ids = tokenizer(text, add_special_tokens=False).input_ids[: max_tokens + 1]
+    """Consecutive windows of at most `ctx` tokens (BOS first when the tokenizer adds
+    one) holding `max_tokens` scored positions in all, or as many as the text has."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
     with_special = tokenizer("a").input_ids
     bos = with_special[:1] if with_special[0] == tokenizer.bos_token_id else []
-    step = ctx - len(bos)
-    out = []
-    for a in range(0, len(ids), step):
-        chunk = ids[a : a + step]
-        if len(chunk) < 2:
+    out, a, left = [], 0, max_tokens
+    while left > 0 and a < len(ids):
+        n = min(ctx - len(bos), left + (0 if bos else 1))
+        w = bos + ids[a : a + n]
+        if len(w) < 2:
             break
-        out.append(bos + chunk)
+        out.append(w)
+        left -= len(w) - 1
+        a += n
     return out
