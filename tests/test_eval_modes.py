@@ -107,3 +107,25 @@ def test_rotation_lowers_kl_with_planted_outlier(seed):
     assert t["bf16"]["kl"] == 0 and t["bf16"]["top1_agree"] == 1
     assert t["int4:rot=none"]["kl"] > 0
     assert t["int4"]["kl"] < 0.7 * t["int4:rot=none"]["kl"], t
+
+
+def test_gemma3_sliding_window_bf16_exact_and_hooked():
+    """Gemma 3 (sliding-window and global layers, 1 KV head): the hook keeps the
+    stock masks, so BF16 reproduces SDPA exactly."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(3)
+    cfg = Gemma3TextConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention"], max_position_embeddings=128,
+                           initializer_range=0.15, attn_implementation=register())
+    model = Gemma3ForCausalLM(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 97, (1, 40))
+    with torch.no_grad(), kv_mode(KVMode("bf16", "bf16")):
+        ours = model(ids).logits
+    with torch.no_grad(), kv_mode(parse_mode("int4", 32)):
+        quant = model(ids).logits
+    model.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        stock = model(ids).logits
+    assert torch.equal(ours, stock) and not torch.equal(quant, stock)

@@ -54,7 +54,12 @@ def load(name: str, device: str, dtype: torch.dtype, attn_implementation: str):
 
     path, gguf = resolve(name)
     kw = {"gguf_file": gguf} if gguf else {}
-    tok = AutoTokenizer.from_pretrained(path, **kw)
+    if name == "gemma3-270m":
+        from .gguf_tokenizer import spm_bpe_tokenizer
+
+        tok = spm_bpe_tokenizer(str(Path(path) / gguf))  # the stock GGUF conversion mis-segments
+    else:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, **kw
     )
