@@ -61,7 +61,8 @@ def plot(path: Path, rows: list[dict], title: str) -> bool:
     for r in sim:
         if r.get("rotation") == "none" and not r["keep_layers"]:
             ax.axhline(r["kl"], ls="--", lw=1, color="gray")
-            ax.text(ax.get_xlim()[0] if ax.lines else 1, r["kl"], f" naive g{r['group_size']}", fontsize=7, va="bottom")
+            ax.text(0.01, r["kl"], f"naive g{r['group_size']}", fontsize=7, va="bottom",
+                    transform=ax.get_yaxis_transform())
     ax.set_xscale("log", base=2)
     ax.set_xlabel("Hadamard block size")
     ax.set_ylabel("mean KL to BF16")
