@@ -28,6 +28,7 @@ so a call with a workspace and a fixed num_splits is CUDA-graph capturable.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -129,15 +130,43 @@ def _store_out(o_ptrs_base, o_lo, o_hi, hmask, c_lo, c_hi,
         tl.store(o_ptrs_base[:, None] + c_hi[None, :], o_hi.to(dt), mask=hmask[:, None])
 
 
-@triton.jit
-def _nib_lo(c):
-    # low nibble -> fp16 (1024 + n), by bits
-    return ((c & 15).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+# Nibbles -> exact fp16 codes n. On the GPU one inline-PTX block turns 4 packed bytes
+# into 4 fp16 codes with 2 PRMT + 2 LOP3 + 2 HSUB2 (plus a shift for the high nibbles):
+# the byte pair is spread into the two 16-bit halves, the nibble OR'ed into the mantissa
+# of fp16 1024.0 (0x6400), and 1024 subtracted in fp16x2 - no int->float conversions.
+# The interpreter (CPU tests) cannot run PTX and takes the plain-Triton path, bit-exact.
+_ASM_CODES = """{
+.reg .b32 t0, t1, m, z;
+mov.b32 m, 0x64006400;
+mov.b32 z, 0;
+prmt.b32 t0, $2, z, 0x4140;
+prmt.b32 t1, $2, z, 0x4342;
+SHIFT
+lop3.b32 t0, t0, 0x000F000F, m, 0xEA;
+lop3.b32 t1, t1, 0x000F000F, m, 0xEA;
+sub.f16x2 $0, t0, m;
+sub.f16x2 $1, t1, m;
+}"""
+_ASM_LO = tl.constexpr(_ASM_CODES.replace("SHIFT", ""))
+_ASM_HI = tl.constexpr(_ASM_CODES.replace("SHIFT", "shr.b32 t0, t0, 4;\nshr.b32 t1, t1, 4;"))
 
 
 @triton.jit
-def _nib_hi(c):
-    return ((c >> 4).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+def _codes_lo(c, USE_ASM: tl.constexpr):
+    """low nibble of each byte -> fp16 code 0..15"""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(_ASM_LO, "=r,=r,r", [c], dtype=tl.float16,
+                                         is_pure=True, pack=4)
+    return ((c & 15).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
+def _codes_hi(c, USE_ASM: tl.constexpr):
+    """high nibble of each byte -> fp16 code 0..15"""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(_ASM_HI, "=r,=r,r", [c], dtype=tl.float16,
+                                         is_pure=True, pack=4)
+    return ((c >> 4).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
 
 
 @triton.jit
@@ -194,6 +223,7 @@ def _decode_split_kernel(
     NG: tl.constexpr, BS: tl.constexpr, LOG_BS: tl.constexpr, CH: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     ROT_K: tl.constexpr, ROT_V: tl.constexpr, CAP: tl.constexpr, DIRECT: tl.constexpr,
+    USE_ASM: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     h = tl.program_id(0)
     sp = tl.program_id(1)
@@ -259,19 +289,25 @@ def _decode_split_kernel(
     slot = _block_slots(indices_ptr, req_base, start + BLOCK_N, offs_n, end, PAGE)
     for n0 in range(start, end, BLOCK_N):
         nmask = (n0 + offs_n) < end
-        kc_n, k_s_n, k_m_n, vc_n, v_s_n, v_m_n = _load_block(
-            kd_head, ks_head, vd_head, vs_head, slot,
-            stride_kd_t, stride_ks_t, stride_vd_t, stride_vs_t, HALF, NG, GH)
-        slot = _block_slots(indices_ptr, req_base, n0 + 2 * BLOCK_N, offs_n, end, PAGE)
+        if PREFETCH:
+            kc_n, k_s_n, k_m_n, vc_n, v_s_n, v_m_n = _load_block(
+                kd_head, ks_head, vd_head, vs_head, slot,
+                stride_kd_t, stride_ks_t, stride_vd_t, stride_vs_t, HALF, NG, GH)
+            slot = _block_slots(indices_ptr, req_base, n0 + 2 * BLOCK_N, offs_n, end, PAGE)
+        else:
+            slot = _block_slots(indices_ptr, req_base, n0, offs_n, end, PAGE)
+            kc, k_s, k_m, vc, v_s, v_m = _load_block(
+                kd_head, ks_head, vd_head, vs_head, slot,
+                stride_kd_t, stride_ks_t, stride_vd_t, stride_vs_t, HALF, NG, GH)
 
         # codes are exact small integers in fp16: (1024 + n) - 1024 (no int->float cvt)
         if NG == 1:
-            qk = tl.dot(q_lo, tl.trans(_nib_lo(kc) - 1024.0))
-            qk = tl.dot(q_hi, tl.trans(_nib_hi(kc) - 1024.0), qk)
+            qk = tl.dot(q_lo, tl.trans(_codes_lo(kc, USE_ASM)))
+            qk = tl.dot(q_hi, tl.trans(_codes_hi(kc, USE_ASM)), qk)
             s = qk * k_s[None, :] + sum_q[:, None] * k_m[None, :]
         else:
-            k_lo = tl.reshape(((_nib_lo(kc) - 1024.0) * k_s + k_m).to(tl.float16), [BLOCK_N, HALF])
-            k_hi = tl.reshape(((_nib_hi(kc) - 1024.0) * k_s + k_m).to(tl.float16), [BLOCK_N, HALF])
+            k_lo = tl.reshape(((_codes_lo(kc, USE_ASM)) * k_s + k_m).to(tl.float16), [BLOCK_N, HALF])
+            k_hi = tl.reshape(((_codes_hi(kc, USE_ASM)) * k_s + k_m).to(tl.float16), [BLOCK_N, HALF])
             s = tl.dot(q_lo, tl.trans(k_lo))
             s = tl.dot(q_hi, tl.trans(k_hi), s)
         s = s * qk_scale
@@ -289,16 +325,17 @@ def _decode_split_kernel(
 
         if NG == 1:
             ps = (p * v_s[None, :]).to(tl.float16)
-            acc_lo = tl.dot(ps, _nib_lo(vc) - 1024.0, acc_lo * alpha[:, None])
-            acc_hi = tl.dot(ps, _nib_hi(vc) - 1024.0, acc_hi * alpha[:, None])
+            acc_lo = tl.dot(ps, _codes_lo(vc, USE_ASM), acc_lo * alpha[:, None])
+            acc_hi = tl.dot(ps, _codes_hi(vc, USE_ASM), acc_hi * alpha[:, None])
             rb = rb * alpha + tl.sum(p * v_m[None, :], 1)
         else:
-            v_lo = tl.reshape(((_nib_lo(vc) - 1024.0) * v_s + v_m).to(tl.float16), [BLOCK_N, HALF])
-            v_hi = tl.reshape(((_nib_hi(vc) - 1024.0) * v_s + v_m).to(tl.float16), [BLOCK_N, HALF])
+            v_lo = tl.reshape(((_codes_lo(vc, USE_ASM)) * v_s + v_m).to(tl.float16), [BLOCK_N, HALF])
+            v_hi = tl.reshape(((_codes_hi(vc, USE_ASM)) * v_s + v_m).to(tl.float16), [BLOCK_N, HALF])
             p16 = p.to(tl.float16)
             acc_lo = tl.dot(p16, v_lo, acc_lo * alpha[:, None])
             acc_hi = tl.dot(p16, v_hi, acc_hi * alpha[:, None])
-        kc, k_s, k_m, vc, v_s, v_m = kc_n, k_s_n, k_m_n, vc_n, v_s_n, v_m_n
+        if PREFETCH:
+            kc, k_s, k_m, vc, v_s, v_m = kc_n, k_s_n, k_m_n, vc_n, v_s_n, v_m_n
 
     if DIRECT:
         inv_l = tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
@@ -363,6 +400,11 @@ def _decode_reduce_kernel(
 
 
 # --------------------------------------------------------------------------------------
+def _use_asm(q) -> bool:
+    """Inline PTX only on a real CUDA device (the Triton interpreter cannot run it)."""
+    return q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
 def _check(q, k_data, k_scales, v_data, v_scales, fmt: Int4KVFormat):
     if q.dim() != 3:
         raise ValueError(f"q must be [batch, q_heads, head_dim], got {tuple(q.shape)}")
@@ -396,6 +438,7 @@ def decode_attention(
     out=None, workspace: DecodeWorkspace | None = None, num_splits: int | None = None, *,
     max_kv_len: int | None = None, block_n: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, waves: int | None = None,
+    prefetch: bool | None = None, asm: bool | None = None,
 ):
     """INT4 paged decode attention. q [B, Hq, D] (original basis) -> out [B, Hq, D] q.dtype.
 
@@ -446,7 +489,8 @@ def decode_attention(
         v_data.stride(0), v_data.stride(1), v_scales.stride(0), v_scales.stride(1),
         *smo, *sml, num_splits,
         NG=fmt.num_groups, PAGE=int(page_size), ROT_K=fmt.k_rotated, ROT_V=fmt.v_rotated,
-        CAP=logit_cap > 0, DIRECT=direct, num_warps=num_warps, num_stages=num_stages, **common,
+        CAP=logit_cap > 0, DIRECT=direct, USE_ASM=_use_asm(q) if asm is None else asm,
+        PREFETCH=cfg.get("prefetch", True) if prefetch is None else prefetch, num_warps=num_warps, num_stages=num_stages, **common,
     )
     if not direct:
         _decode_reduce_kernel[(hkv, bsz)](

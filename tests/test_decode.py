@@ -104,3 +104,10 @@ def test_bad_inputs_are_refused():
         decode_attention(**{**case, "q": case["q"][..., :32]}, sm_scale=0.1)
     with pytest.raises(ValueError, match="workspace"):
         decode_attention(**case, sm_scale=0.1, num_splits=8, workspace=alloc_workspace(1, 8, 64, 4, "cpu"))
+
+
+@pytest.mark.parametrize("page", [1, 16])
+def test_without_prefetch(page):
+    """The single-buffered loop (prefetch=False, fewer registers) computes the same."""
+    case = make_case([70, 0, 33], 8, 2, 128, page=page, seed=11 + page)
+    check(case, prefetch=False)

@@ -204,7 +204,8 @@ def ours_fn(pools, mode, q, indptr, ent, lens, ctx, page, **knobs):
     import torch
     out = torch.empty_like(q)
     kw = dict(fmt=pools.fmt[mode], sm_scale=D ** -0.5, page_size=page, out=out, workspace=ws,
-              num_splits=s, block_n=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+              num_splits=s, block_n=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+              prefetch=cfg.get("prefetch"))
     return lambda: decode_attention(q, pools.kd, pools.ks, pools.vd, pools.vs, indptr, ent, lens, **kw)
 
 
@@ -276,31 +277,31 @@ def bench_write(pools):
     return res
 
 
-TUNE_SHAPES = ((1, 16, 8192), (1, 64, 8192), (1, 1, 8192), (1, 256, 2048), (16, 64, 8192))
+TUNE_SHAPES = ((1, 16, 8192), (1, 64, 8192), (16, 64, 8192))
 
 
-def tune(pools, budget_s=220.0):
+def tune(pools, budget_s=150.0):
     import itertools
     import torch
     gen = torch.Generator(device="cuda").manual_seed(3)
-    grid = list(itertools.product((32, 64, 128), (4, 8), (2, 3, 4), (2, 4, 8, 16)))
+    grid = list(itertools.product((64, 128), (4, 8), (1, 2, 3), (2, 4, 8), (True, False)))
     best = {}
     for page, batch, ctx in TUNE_SHAPES:
         t0 = time.time()
         sets = [make_inputs(batch, ctx, page, "random", pools.rows, gen)
                 for _ in range(n_rotations(bytes_read("int4", batch, ctx, page)))]
         trials = []
-        for bn, nw, ns, wv in _progress(grid, f"tune p{page} {batch}x{ctx}"):
+        for bn, nw, ns, wv, pf in _progress(grid, f"tune p{page} {batch}x{ctx}"):
             if time.time() - t0 > budget_s / len(TUNE_SHAPES):
                 print("note: tuning time budget reached; remaining configs skipped", file=sys.stderr)
                 break
             try:
                 ms = time_fns([ours_fn(pools, "k", q, ip, e, ln, ctx, page, block_n=bn, num_warps=nw,
-                                       num_stages=ns, waves=wv) for q, ip, e, ln in sets])
+                                       num_stages=ns, waves=wv, prefetch=pf) for q, ip, e, ln in sets])
             except Exception as exc:  # noqa: BLE001 (e.g. out of shared memory)
                 print(f"  skip bn={bn} w={nw} s={ns}: {type(exc).__name__}", file=sys.stderr)
                 continue
-            trials.append(dict(block_n=bn, num_warps=nw, num_stages=ns, waves=wv, ms=ms))
+            trials.append(dict(block_n=bn, num_warps=nw, num_stages=ns, waves=wv, prefetch=pf, ms=ms))
         trials.sort(key=lambda x: x["ms"])
         best[f"page{page}_b{batch}_ctx{ctx}"] = trials[:5]
     return best
@@ -362,7 +363,8 @@ def main(argv=None):
         print("\n## tuning (best 5 per shape, rotation K)")
         for shape, trials in tuned.items():
             print(f"- {shape}: " + "; ".join(
-                f"bn={t['block_n']} w={t['num_warps']} s={t['num_stages']} waves={t['waves']}: {t['ms']:.4f} ms"
+                f"bn={t['block_n']} w={t['num_warps']} s={t['num_stages']} waves={t['waves']} "
+                f"prefetch={t['prefetch']}: {t['ms']:.4f} ms"
                 for t in trials))
     if write:
         base = write["none"]
