@@ -44,12 +44,12 @@ DEFAULT_NUM_SMS = 132
 # Tuning table keyed by (head_dim, group_size); "waves" = target programs per SM used by
 # the split policy. Update from `python -m saw_sglang.bench.kernels --tune`.
 DEFAULT_CONFIGS: dict[tuple[int, int], dict] = {
-    (64, 64): dict(block_n=64, num_warps=4, num_stages=3, waves=8),
+    (64, 64): dict(block_n=64, num_warps=4, num_stages=3, waves=8, prefetch=False),
     # H200, 32/8 heads: best of 72 configs at batch 64 x 8k and 256 x 2k (bench --tune-only)
-    (128, 128): dict(block_n=128, num_warps=4, num_stages=2, waves=4),
-    (256, 256): dict(block_n=32, num_warps=4, num_stages=3, waves=8),
+    (128, 128): dict(block_n=128, num_warps=4, num_stages=2, waves=4, prefetch=False),
+    (256, 256): dict(block_n=32, num_warps=4, num_stages=3, waves=8, prefetch=False),
 }
-FALLBACK_CONFIG = dict(block_n=32, num_warps=4, num_stages=2, waves=8)
+FALLBACK_CONFIG = dict(block_n=32, num_warps=4, num_stages=2, waves=8, prefetch=False)
 
 
 def get_config(head_dim: int, group_size: int) -> dict:
@@ -151,6 +151,47 @@ _ASM_LO = tl.constexpr(_ASM_CODES.replace("SHIFT", ""))
 _ASM_HI = tl.constexpr(_ASM_CODES.replace("SHIFT", "shr.b32 t0, t0, 4;\nshr.b32 t1, t1, 4;"))
 
 
+# Whole-head groups take both planes from one PTX block: the byte pair spread into two
+# 16-bit lanes (PRMT) serves the low plane (b & 0x0F | 0x6400 = 1024 + lo) and the high
+# plane (b & 0xF0 | 0x6400 = 1024 + 16 hi, no shift: the 1/16 is folded into q or the
+# output). SUB=False keeps the 1024 bias (folded into a per-row constant for K, whose
+# per-token dot has no long accumulation); SUB=True removes it (V accumulates over the
+# whole split, where the bias would cancel catastrophically).
+_ASM_PAIR = """{
+.reg .b32 t0, t1, m, z;
+mov.b32 m, 0x64006400;
+mov.b32 z, 0;
+prmt.b32 t0, $4, z, 0x4140;
+prmt.b32 t1, $4, z, 0x4342;
+lop3.b32 $0, t0, 0x000F000F, m, 0xEA;
+lop3.b32 $1, t1, 0x000F000F, m, 0xEA;
+lop3.b32 $2, t0, 0x00F000F0, m, 0xEA;
+lop3.b32 $3, t1, 0x00F000F0, m, 0xEA;
+SUB
+}"""
+_ASM_PAIR_BIASED = tl.constexpr(_ASM_PAIR.replace("SUB", ""))
+_ASM_PAIR_EXACT = tl.constexpr(_ASM_PAIR.replace("SUB", "".join(
+    f"sub.f16x2 ${i}, ${i}, m;\n" for i in range(4))))
+
+
+@triton.jit
+def _code_planes(c, SUB: tl.constexpr, USE_ASM: tl.constexpr):
+    """bytes -> (low plane, 16 x high plane) as fp16; + 1024 on both unless SUB."""
+    if USE_ASM:
+        if SUB:
+            asm: tl.constexpr = _ASM_PAIR_EXACT
+        else:
+            asm: tl.constexpr = _ASM_PAIR_BIASED
+        return tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r", [c], dtype=(tl.float16, tl.float16),
+                                         is_pure=True, pack=4)
+    lo = ((c & 15).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    hi = ((c & 240).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    if SUB:
+        lo = lo - 1024.0
+        hi = hi - 1024.0
+    return lo, hi
+
+
 @triton.jit
 def _codes_lo(c, USE_ASM: tl.constexpr):
     """low nibble of each byte -> fp16 code 0..15"""
@@ -210,6 +251,24 @@ def _load_block(kd_head, ks_head, vd_head, vs_head, slot,
 
 
 @triton.jit
+def _load_rows(d_head, s_head, slot, stride_d_t, stride_s_t,
+               HALF: tl.constexpr, NG: tl.constexpr, GH: tl.constexpr):
+    """Packed codes of one tensor (K or V) for a block of slots, and its fp32 scale/min."""
+    if NG == 1:
+        c = tl.load(d_head + slot[:, None] * stride_d_t + tl.arange(0, HALF)[None, :])
+        sc = tl.load(s_head + slot * stride_s_t).to(tl.float32)
+        mn = tl.load(s_head + slot * stride_s_t + 1).to(tl.float32)
+    else:
+        offs_g = tl.arange(0, NG)
+        byte3 = offs_g[None, :, None] * GH + tl.arange(0, GH)[None, None, :]
+        c = tl.load(d_head + slot[:, None, None] * stride_d_t + byte3)
+        sp = s_head + slot[:, None] * stride_s_t + offs_g[None, :] * 2
+        sc = tl.load(sp).to(tl.float32)[:, :, None]
+        mn = tl.load(sp + 1).to(tl.float32)[:, :, None]
+    return c, sc, mn
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, kd_ptr, ks_ptr, vd_ptr, vs_ptr, indptr_ptr, indices_ptr, lens_ptr,
     out_ptr, mid_o_ptr, mid_lse_ptr,
@@ -262,6 +321,9 @@ def _decode_split_kernel(
         q_lo = tl.load(q_row[:, None] + c_lo[None, :], mask=hmask[:, None], other=0.0).to(tl.float16)
         q_hi = tl.load(q_row[:, None] + c_hi[None, :], mask=hmask[:, None], other=0.0).to(tl.float16)
     sum_q = tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi.to(tl.float32), 1)
+    # whole-head groups: the high plane arrives as 16 n and both planes carry +1024
+    q_hi16 = q_hi * 0.0625  # exact (power of two)
+    q_bias = 1024.0 * (tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi16.to(tl.float32), 1))
     if CAP:
         qk_scale = sm_scale
     else:
@@ -295,16 +357,17 @@ def _decode_split_kernel(
                 stride_kd_t, stride_ks_t, stride_vd_t, stride_vs_t, HALF, NG, GH)
             slot = _block_slots(indices_ptr, req_base, n0 + 2 * BLOCK_N, offs_n, end, PAGE)
         else:
+            # single-buffered: K now, V after the softmax (fewer live registers; the
+            # compiler's own pipelining (num_stages) still prefetches both)
             slot = _block_slots(indices_ptr, req_base, n0, offs_n, end, PAGE)
-            kc, k_s, k_m, vc, v_s, v_m = _load_block(
-                kd_head, ks_head, vd_head, vs_head, slot,
-                stride_kd_t, stride_ks_t, stride_vd_t, stride_vs_t, HALF, NG, GH)
+            kc, k_s, k_m = _load_rows(kd_head, ks_head, slot, stride_kd_t, stride_ks_t, HALF, NG, GH)
 
         # codes are exact small integers in fp16: (1024 + n) - 1024 (no int->float cvt)
         if NG == 1:
-            qk = tl.dot(q_lo, tl.trans(_codes_lo(kc, USE_ASM)))
-            qk = tl.dot(q_hi, tl.trans(_codes_hi(kc, USE_ASM)), qk)
-            s = qk * k_s[None, :] + sum_q[:, None] * k_m[None, :]
+            k_lo, k_hi = _code_planes(kc, False, USE_ASM)  # 1024 + n, 1024 + 16 n
+            qk = tl.dot(q_lo, tl.trans(k_lo))
+            qk = tl.dot(q_hi16, tl.trans(k_hi), qk)
+            s = (qk - q_bias[:, None]) * k_s[None, :] + sum_q[:, None] * k_m[None, :]
         else:
             k_lo = tl.reshape(((_codes_lo(kc, USE_ASM)) * k_s + k_m).to(tl.float16), [BLOCK_N, HALF])
             k_hi = tl.reshape(((_codes_hi(kc, USE_ASM)) * k_s + k_m).to(tl.float16), [BLOCK_N, HALF])
@@ -323,10 +386,13 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
+        if not PREFETCH:
+            vc, v_s, v_m = _load_rows(vd_head, vs_head, slot, stride_vd_t, stride_vs_t, HALF, NG, GH)
         if NG == 1:
             ps = (p * v_s[None, :]).to(tl.float16)
-            acc_lo = tl.dot(ps, _codes_lo(vc, USE_ASM), acc_lo * alpha[:, None])
-            acc_hi = tl.dot(ps, _codes_hi(vc, USE_ASM), acc_hi * alpha[:, None])
+            v_lo, v_hi = _code_planes(vc, True, USE_ASM)  # n, 16 n (exact)
+            acc_lo = tl.dot(ps, v_lo, acc_lo * alpha[:, None])
+            acc_hi = tl.dot(ps, v_hi, acc_hi * alpha[:, None])  # 16 x the high half
             rb = rb * alpha + tl.sum(p * v_m[None, :], 1)
         else:
             v_lo = tl.reshape(((_codes_lo(vc, USE_ASM)) * v_s + v_m).to(tl.float16), [BLOCK_N, HALF])
@@ -337,6 +403,8 @@ def _decode_split_kernel(
         if PREFETCH:
             kc, k_s, k_m, vc, v_s, v_m = kc_n, k_s_n, k_m_n, vc_n, v_s_n, v_m_n
 
+    if NG == 1:
+        acc_hi = acc_hi * 0.0625
     if DIRECT:
         inv_l = tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
         o_lo = (acc_lo + rb[:, None]) * inv_l[:, None]
