@@ -126,6 +126,9 @@ def pad_checkpoint(src: pathlib.Path, out: pathlib.Path, new_hq: int, new_hkv: i
     if changed == 0:
         raise ValueError(f"no self_attn q/k/v/o_proj tensors found in {src}")
     (out / "config.json").write_text(json.dumps(padded_config(cfg, new_hq, new_hkv), indent=2) + "\n")
+    if cfg["hidden_size"] % new_hq:  # SGLang reads head_dim; transformers 5 also checks this
+        print(f"note: hidden_size {cfg['hidden_size']} is not a multiple of {new_hq} heads: "
+              "transformers refuses to load this config (SGLang serves it)")
     return {"heads": f"{hq}/{hkv} -> {new_hq}/{new_hkv}", "head_dim": head_dim,
             "q_map": q_map, "kv_map": kv_map, "tensors_changed": changed}
 
