@@ -469,8 +469,10 @@ def _decode_reduce_kernel(
 
 # --------------------------------------------------------------------------------------
 def _use_asm(q) -> bool:
-    """Inline PTX only on a real CUDA device (the Triton interpreter cannot run it)."""
-    return q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    """Inline PTX only on a real CUDA device (the Triton interpreter cannot run it);
+    SAW_INT4_DECODE_ASM=0 selects the plain-Triton unpack (for comparisons)."""
+    return (q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+            and os.environ.get("SAW_INT4_DECODE_ASM", "1") != "0")
 
 
 def _check(q, k_data, k_scales, v_data, v_scales, fmt: Int4KVFormat):
