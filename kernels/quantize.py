@@ -6,11 +6,13 @@ pairs into the pool rows named by `loc`. `dequantize` reads slots back to BF16/F
 (fallbacks, debugging, tests). Both match `reference.py` (see tests/test_quantize.py
 for the tolerances and why).
 
-Rotation is done in registers as one tensor-core dot of the [rows, W] tile with an
-exact +-1 Sylvester matrix (W = max(block, 16); blocks smaller than 16 become a
-block-diagonal 16x16 matrix), generated inside the kernel from index parity, so the
-call allocates nothing and needs no constant buffer. Products of fp16 values with
-+-1 are exact and accumulate in fp32; the 1/sqrt(B) factor is applied afterwards.
+Rotation is exact +-1 arithmetic in registers, generated inside the kernel (no
+allocation, no constant buffer): H_B = H_{B/16} (x) H_16, so one K=16 tensor-core dot
+with H_16 rotates the low four index bits of each block and fp32 butterflies the rest
+(B = 128: 16 MACs + 3 adds per element instead of 128 MACs of a dense dot; see
+`_rotate_pm1`). Blocks of 16 or fewer use one dot with a block-diagonal 16x16 matrix.
+Products of fp16 values with +-1 are exact and accumulate in fp32; the 1/sqrt(B)
+factor is applied afterwards.
 """
 
 from __future__ import annotations
@@ -43,22 +45,63 @@ def _hadamard_pm1(W: tl.constexpr, B: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
+def _fwht(x, R: tl.constexpr, B: tl.constexpr):
+    """Unnormalised Walsh-Hadamard transform of each row of x [R, B] (fp32, exact
+    adds and subtracts): log2(B) radix-2 butterfly stages. Each stage pairs the lowest
+    index bit and moves the result bit to the top, so after log2(B) stages the index
+    bits are back in order."""
+    for _ in tl.static_range(B.bit_length() - 1):
+        a, b = tl.split(tl.reshape(x, (R, B // 2, 2)))
+        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (R, B))
+    return x
+
+
+@triton.jit
+def _rotate_pm1(x, BT: tl.constexpr, D: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
+                DENSE: tl.constexpr):
+    """x [BT, D] fp32 (sanitised) -> x . H_B without the 1/sqrt(B) factor, in fp32.
+
+    B <= 16, or DENSE: one tensor-core dot with the [W, W] +-1 matrix.
+    B > 16: H_B = H_{B/16} (x) H_16 (Sylvester), so a K=16 dot with H_16 does the low
+    four index bits of each block (1/8 of the dense MACs at B=128) and fp32 butterflies
+    the remaining log2(B/16) bits. The dot's rows are ordered (high bits, token, block)
+    so that the high bits are the outermost M dimension of the accumulator, which the
+    compiler keeps in registers: the butterflies are register-only (no layout change).
+    Exactness: the dot inputs are fp16 (sanitised values are fp16-exact up to the
+    rounding of bf16 magnitudes below 2^-17 to the fp16 grid, <= 2^-25), +-1 products
+    are exact, accumulation is fp32, the butterflies are fp32 adds."""
+    if DENSE or B <= 16:
+        hm = _hadamard_pm1(W, B, tl.float16)
+        y = tl.dot(tl.reshape(x.to(tl.float16), (BT * D // W, W)), hm, out_dtype=tl.float32)
+        return tl.reshape(y, (BT, D))
+    else:
+        A: tl.constexpr = B // 16
+        N: tl.constexpr = BT * D // B  # blocks in the tile
+        h16 = _hadamard_pm1(16, 16, tl.float16)
+        xa = tl.permute(tl.reshape(x.to(tl.float16), (N, A, 16)), (1, 0, 2))  # [A, N, 16]
+        y = tl.dot(tl.reshape(xa, (A * N, 16)), h16, out_dtype=tl.float32)
+        y = tl.reshape(tl.permute(tl.reshape(y, (A, N, 16)), (1, 2, 0)), (N * 16, A))
+        y = _fwht(y, N * 16, A)
+        y = tl.permute(tl.reshape(y, (N, 16, A)), (0, 2, 1))  # [N, A, 16]
+        return tl.reshape(y, (BT, D))
+
+
+@triton.jit
 def _quantize_rows(
     src, stride_t, stride_h, loc_ptr, data_ptr, scale_ptr,
     T, H, head, pid_t, nprog_t, inv_sqrt_b,
     D: tl.constexpr, G: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
     BLOCK_T: tl.constexpr, ROTATE: tl.constexpr, CLAMP_V: tl.constexpr,
+    DENSE: tl.constexpr, STAGES: tl.constexpr,
 ):
     NG: tl.constexpr = D // G
     offs_d = tl.arange(0, D)
     offs_b = tl.arange(0, D // 2)
-    offs_g = tl.arange(0, NG)
+    offs_s = tl.arange(0, 2 * NG)
     # nibble shift per half-group: element j -> low nibble, j + G/2 -> high nibble
     shift = (tl.arange(0, 2) * 4)[None, None, :, None]
-    if ROTATE:
-        hm = _hadamard_pm1(W, B, tl.float16)
     num_tiles = tl.cdiv(T, BLOCK_T)
-    for tile in range(pid_t, num_tiles, nprog_t):
+    for tile in tl.range(pid_t, num_tiles, nprog_t, num_stages=STAGES):
         offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
         mask_t = offs_t < T
         ptrs = src + offs_t.to(tl.int64)[:, None] * stride_t + head * stride_h + offs_d[None, :]
@@ -67,11 +110,7 @@ def _quantize_rows(
         x = tl.where(x != x, 0.0, x)
         x = tl.minimum(tl.maximum(x, -CLAMP_V), CLAMP_V)
         if ROTATE:
-            # Sanitised bf16/fp16 values are fp16-exact (|x| <= 30000), except bf16
-            # magnitudes below 2^-17, which round to the fp16 grid (error <= 2^-25).
-            xr = tl.reshape(x.to(tl.float16), (BLOCK_T * D // W, W))
-            y = tl.dot(xr, hm, out_dtype=tl.float32)
-            x = tl.reshape(y, (BLOCK_T, D)) * inv_sqrt_b
+            x = _rotate_pm1(x, BLOCK_T, D, B, W, DENSE) * inv_sqrt_b
             x = tl.minimum(tl.maximum(x, -CLAMP_V), CLAMP_V)
         xg = tl.reshape(x, (BLOCK_T, NG, 2, G // 2))
         hi = tl.max(tl.max(xg, axis=3), axis=2)
@@ -83,17 +122,19 @@ def _quantize_rows(
         m = min16.to(tl.float32)
         inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(s > 0, s, 1.0))
         inv = tl.where(s > 0, inv, 0.0)
-        q = tl.floor((xg - m[:, :, None, None]) * inv[:, :, None, None] + 0.5)
-        q = tl.minimum(tl.maximum(q, 0.0), 15.0).to(tl.int32)
+        w = (xg - m[:, :, None, None]) * inv[:, :, None, None] + 0.5
+        # floor, then clamp to 0..15 == clamp, then truncate (w >= 0): one float->int
+        # conversion per element instead of floor + conversion (both quarter-rate ops)
+        q = tl.minimum(tl.maximum(w, 0.0), 15.0).to(tl.int32)
         packed = tl.sum(q << shift, axis=2)  # [BLOCK_T, NG, G/2]
         packed = tl.reshape(packed, (BLOCK_T, D // 2)).to(tl.uint8)
 
         slot = tl.load(loc_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
         row = slot * H + head
         tl.store(data_ptr + row[:, None] * (D // 2) + offs_b[None, :], packed, mask=mask_t[:, None])
-        sp = scale_ptr + row[:, None] * (NG * 2) + offs_g[None, :] * 2
-        tl.store(sp, scale16, mask=mask_t[:, None])
-        tl.store(sp + 1, min16, mask=mask_t[:, None])
+        # (scale, min) pairs side by side: one contiguous 4*NG-byte store per row
+        sm = tl.reshape(tl.join(scale16, min16), (BLOCK_T, 2 * NG))
+        tl.store(scale_ptr + row[:, None] * (NG * 2) + offs_s[None, :], sm, mask=mask_t[:, None])
 
 
 @triton.jit
@@ -103,6 +144,7 @@ def _quantize_kv_kernel(
     T, H, inv_sqrt_b,
     D: tl.constexpr, G: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
     BLOCK_T: tl.constexpr, ROT_K: tl.constexpr, ROT_V: tl.constexpr, CLAMP_V: tl.constexpr,
+    DENSE: tl.constexpr, STAGES: tl.constexpr,
 ):
     # grid: (token-tile programs, kv heads, {K, V}); each program strides over tiles
     pid_t = tl.program_id(0)
@@ -110,10 +152,10 @@ def _quantize_kv_kernel(
     nprog_t = tl.num_programs(0)
     if tl.program_id(2) == 0:
         _quantize_rows(k_ptr, k_st, k_sh, loc_ptr, kd_ptr, ks_ptr, T, H, head, pid_t, nprog_t,
-                       inv_sqrt_b, D, G, B, W, BLOCK_T, ROT_K, CLAMP_V)
+                       inv_sqrt_b, D, G, B, W, BLOCK_T, ROT_K, CLAMP_V, DENSE, STAGES)
     else:
         _quantize_rows(v_ptr, v_st, v_sh, loc_ptr, vd_ptr, vs_ptr, T, H, head, pid_t, nprog_t,
-                       inv_sqrt_b, D, G, B, W, BLOCK_T, ROT_V, CLAMP_V)
+                       inv_sqrt_b, D, G, B, W, BLOCK_T, ROT_V, CLAMP_V, DENSE, STAGES)
 
 
 @triton.jit
@@ -184,8 +226,14 @@ def _consts(fmt: Int4KVFormat):
     return dict(D=fmt.head_dim, G=fmt.group_size, B=b, W=max(b, 16)), 1.0 / math.sqrt(b)
 
 
-def _block_t(d: int) -> int:
-    return max(16, 8192 // d)  # ~8K elements per tile: 64 fp32 registers/thread at 4 warps
+def _block_t(d: int, b: int, rotated: bool, num_warps: int = 4) -> int:
+    """~8K elements per tile (64 fp32 registers/thread at 4 warps). With the Kronecker
+    rotation (b > 16) the tile must hold >= 16 * num_warps blocks, so that the high
+    index bits land in registers of the dot accumulator (else layout shuffles)."""
+    bt = max(16, 8192 // d)
+    if rotated and b > 16:
+        bt = max(bt, 16 * num_warps * b // d)
+    return bt
 
 
 def quantize_and_store(k, v, loc, k_data, k_scales, v_data, v_scales, fmt: Int4KVFormat):
@@ -220,11 +268,14 @@ def quantize_and_store(k, v, loc, k_data, k_scales, v_data, v_scales, fmt: Int4K
 
 
 def _launch_quantize(k, v, loc, k_data, k_scales, v_data, v_scales, fmt, block_t=None,
-                     num_warps=4, programs=None):
-    """The launch itself, with the tuning knobs exposed for tests/gpu/quantize_speed.py."""
+                     num_warps=4, programs=None, stages=1, dense=False):
+    """The launch itself, with the tuning knobs exposed for tests/gpu/quantize_speed.py:
+    token-tile size, warps, programs per launch, software-pipelining stages of the
+    tile loop (1 = off) and the dense-dot rotation (the kernel before the Kronecker
+    split, kept for comparison)."""
     t, h, d = k.shape
     c, inv_sqrt_b = _consts(fmt)
-    bt = block_t or _block_t(d)
+    bt = block_t or _block_t(d, fmt.block_size, fmt.k_rotated or fmt.v_rotated, num_warps)
     tiles = triton.cdiv(t, bt)
     grid_t = min(tiles, max(1, (programs or _target_programs(k.device)) // (2 * h)))
     _quantize_kv_kernel[(grid_t, h, 2)](
@@ -232,7 +283,7 @@ def _launch_quantize(k, v, loc, k_data, k_scales, v_data, v_scales, fmt, block_t
         k_data, k_scales, v_data, v_scales,
         t, h, inv_sqrt_b,
         BLOCK_T=bt, ROT_K=fmt.k_rotated, ROT_V=fmt.v_rotated, CLAMP_V=CLAMP,
-        num_warps=num_warps, **c,
+        DENSE=dense, STAGES=stages, num_warps=num_warps, **c,
     )
 
 
