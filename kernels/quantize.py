@@ -26,6 +26,10 @@ import triton.language as tl
 from .format import CLAMP, Int4KVFormat
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
+# Depth of the rotation's tensor-core dot (H_B = H_{B/DOT_K} (x) H_DOT_K): each halving
+# adds one fp32 butterfly per element, each doubling doubles the (cheap) tensor-core
+# MACs and the H_DOT_K tile in shared memory (DOT_K^2 * 2 bytes).
+DOT_K = 64
 
 
 @triton.jit
@@ -58,32 +62,51 @@ def _fwht(x, R: tl.constexpr, B: tl.constexpr):
 
 @triton.jit
 def _rotate_pm1(x, BT: tl.constexpr, D: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
-                DENSE: tl.constexpr):
+                DOT_K: tl.constexpr):
     """x [BT, D] fp32 (sanitised) -> x . H_B without the 1/sqrt(B) factor, in fp32.
 
-    B <= 16, or DENSE: one tensor-core dot with the [W, W] +-1 matrix.
-    B > 16: H_B = H_{B/16} (x) H_16 (Sylvester), so a K=16 dot with H_16 does the low
-    four index bits of each block (1/8 of the dense MACs at B=128) and fp32 butterflies
-    the remaining log2(B/16) bits. The dot's rows are ordered (high bits, token, block)
-    so that the high bits are the outermost M dimension of the accumulator, which the
-    compiler keeps in registers: the butterflies are register-only (no layout change).
+    B <= 16: one tensor-core dot with the block-diagonal [16, 16] +-1 matrix.
+    B > 16: H_B = H_{B/K} (x) H_K (Sylvester), K = min(DOT_K, B): a K-deep dot with
+    H_K rotates the low log2(K) index bits of each block and fp32 butterflies the
+    remaining log2(B/K) bits (K = B is the dense dot). The dot's rows are ordered
+    (high bits, token, block) so that the high bits are the outermost M dimension of
+    the accumulator, which the compiler keeps in registers: the butterflies are
+    register-only (no layout change) when the tile has >= 16 blocks per warp.
     Exactness: the dot inputs are fp16 (sanitised values are fp16-exact up to the
     rounding of bf16 magnitudes below 2^-17 to the fp16 grid, <= 2^-25), +-1 products
     are exact, accumulation is fp32, the butterflies are fp32 adds."""
-    if DENSE or B <= 16:
+    if B <= 16:
         hm = _hadamard_pm1(W, B, tl.float16)
         y = tl.dot(tl.reshape(x.to(tl.float16), (BT * D // W, W)), hm, out_dtype=tl.float32)
         return tl.reshape(y, (BT, D))
     else:
-        A: tl.constexpr = B // 16
+        K: tl.constexpr = min(DOT_K, B)
+        A: tl.constexpr = B // K
         N: tl.constexpr = BT * D // B  # blocks in the tile
-        h16 = _hadamard_pm1(16, 16, tl.float16)
-        xa = tl.permute(tl.reshape(x.to(tl.float16), (N, A, 16)), (1, 0, 2))  # [A, N, 16]
-        y = tl.dot(tl.reshape(xa, (A * N, 16)), h16, out_dtype=tl.float32)
-        y = tl.reshape(tl.permute(tl.reshape(y, (A, N, 16)), (1, 2, 0)), (N * 16, A))
-        y = _fwht(y, N * 16, A)
-        y = tl.permute(tl.reshape(y, (N, 16, A)), (0, 2, 1))  # [N, A, 16]
+        hk = _hadamard_pm1(K, K, tl.float16)
+        xa = tl.permute(tl.reshape(x.to(tl.float16), (N, A, K)), (1, 0, 2))  # [A, N, K]
+        y = tl.dot(tl.reshape(xa, (A * N, K)), hk, out_dtype=tl.float32)
+        y = tl.reshape(tl.permute(tl.reshape(y, (A, N, K)), (1, 2, 0)), (N * K, A))
+        y = _fwht(y, N * K, A)
+        y = tl.permute(tl.reshape(y, (N, K, A)), (0, 2, 1))  # [N, A, K]
         return tl.reshape(y, (BT, D))
+
+
+@triton.jit
+def _sanitize(x, CLAMP_V: tl.constexpr):
+    """reference.sanitize: NaN -> 0, +-inf / huge -> +-CLAMP."""
+    x = tl.where(x != x, 0.0, x)
+    return tl.minimum(tl.maximum(x, -CLAMP_V), CLAMP_V)
+
+
+@triton.jit
+def _code(x, m, inv):
+    """reference.quantize's floor((x - min) / scale + 0.5) clamped to 0..15, as int32.
+    Clamping before the (truncating) conversion equals floor-then-clamp since w >= 0
+    then: one float->int conversion per element instead of floor + conversion (both
+    run at a quarter of the FP32 rate)."""
+    w = (x - m) * inv + 0.5
+    return tl.minimum(tl.maximum(w, 0.0), 15.0).to(tl.int32)
 
 
 @triton.jit
@@ -92,41 +115,60 @@ def _quantize_rows(
     T, H, head, pid_t, nprog_t, inv_sqrt_b,
     D: tl.constexpr, G: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
     BLOCK_T: tl.constexpr, ROTATE: tl.constexpr, CLAMP_V: tl.constexpr,
-    DENSE: tl.constexpr, STAGES: tl.constexpr,
+    DOT_K: tl.constexpr, STAGES: tl.constexpr,
 ):
     NG: tl.constexpr = D // G
+    HG: tl.constexpr = G // 2
+    # element j of a group goes to the low nibble of byte j, element j + G/2 to the
+    # high nibble: work on the two half-groups as separate [BLOCK_T, NG, G/2] tensors
+    # (same layout, so packing is elementwise, no data exchange between threads)
+    offs_lo = (tl.arange(0, NG) * G)[:, None] + tl.arange(0, HG)[None, :]
     offs_d = tl.arange(0, D)
     offs_b = tl.arange(0, D // 2)
     offs_s = tl.arange(0, 2 * NG)
-    # nibble shift per half-group: element j -> low nibble, j + G/2 -> high nibble
-    shift = (tl.arange(0, 2) * 4)[None, None, :, None]
     num_tiles = tl.cdiv(T, BLOCK_T)
     for tile in tl.range(pid_t, num_tiles, nprog_t, num_stages=STAGES):
         offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
         mask_t = offs_t < T
-        ptrs = src + offs_t.to(tl.int64)[:, None] * stride_t + head * stride_h + offs_d[None, :]
-        x = tl.load(ptrs, mask=mask_t[:, None], other=0.0).to(tl.float32)
-        # reference.sanitize: NaN -> 0, +-inf / huge -> +-CLAMP
-        x = tl.where(x != x, 0.0, x)
-        x = tl.minimum(tl.maximum(x, -CLAMP_V), CLAMP_V)
+        rows = src + offs_t.to(tl.int64)[:, None] * stride_t + head * stride_h
         if ROTATE:
-            x = _rotate_pm1(x, BLOCK_T, D, B, W, DENSE) * inv_sqrt_b
-            x = tl.minimum(tl.maximum(x, -CLAMP_V), CLAMP_V)
-        xg = tl.reshape(x, (BLOCK_T, NG, 2, G // 2))
-        hi = tl.max(tl.max(xg, axis=3), axis=2)
-        lo = tl.min(tl.min(xg, axis=3), axis=2)
+            x = tl.load(rows + offs_d[None, :], mask=mask_t[:, None], other=0.0).to(tl.float32)
+            y = _rotate_pm1(_sanitize(x, CLAMP_V), BLOCK_T, D, B, W, DOT_K)  # x . H_B * sqrt(B)
+            xl, xh = tl.split(tl.permute(tl.reshape(y, (BLOCK_T, NG, 2, HG)), (0, 1, 3, 2)))
+            # reference: x' = clamp(y / sqrt(B)); scaling by a positive constant and
+            # clamping are monotone, so max/min of x' = clamp(scaled max/min of y)
+            hi = tl.maximum(tl.max(xl, axis=2), tl.max(xh, axis=2)) * inv_sqrt_b
+            lo = tl.minimum(tl.min(xl, axis=2), tl.min(xh, axis=2)) * inv_sqrt_b
+            hi = tl.minimum(tl.maximum(hi, -CLAMP_V), CLAMP_V)
+            lo = tl.minimum(tl.maximum(lo, -CLAMP_V), CLAMP_V)
+        else:
+            p = rows[:, :, None] + offs_lo[None, :, :]
+            m3 = mask_t[:, None, None]
+            xl = _sanitize(tl.load(p, mask=m3, other=0.0).to(tl.float32), CLAMP_V)
+            xh = _sanitize(tl.load(p + HG, mask=m3, other=0.0).to(tl.float32), CLAMP_V)
+            hi = tl.maximum(tl.max(xl, axis=2), tl.max(xh, axis=2))
+            lo = tl.minimum(tl.min(xl, axis=2), tl.min(xh, axis=2))
         scale16 = tl.math.div_rn(hi - lo, tl.full(hi.shape, 15.0, tl.float32)).to(tl.float16)
         min16 = lo.to(tl.float16)
         # divide by the stored fp16 values so that dequantisation is exact to the code
         s = scale16.to(tl.float32)
-        m = min16.to(tl.float32)
+        m = min16.to(tl.float32)[:, :, None]
         inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(s > 0, s, 1.0))
-        inv = tl.where(s > 0, inv, 0.0)
-        w = (xg - m[:, :, None, None]) * inv[:, :, None, None] + 0.5
-        # floor, then clamp to 0..15 == clamp, then truncate (w >= 0): one float->int
-        # conversion per element instead of floor + conversion (both quarter-rate ops)
-        q = tl.minimum(tl.maximum(w, 0.0), 15.0).to(tl.int32)
-        packed = tl.sum(q << shift, axis=2)  # [BLOCK_T, NG, G/2]
+        inv = tl.where(s > 0, inv, 0.0)[:, :, None]
+        if ROTATE:
+            # one FMA per element: (y / sqrt(B) - min) / scale + 0.5 with the constants
+            # folded per group (rounding differs from the reference's three steps by a
+            # few ulps of w); the clamp of x' to +-CLAMP becomes a clamp of w to the
+            # codes of +-CLAMP, merged with the 0..15 clamp (w is monotone in x')
+            a = inv * inv_sqrt_b
+            b = 0.5 - m * inv
+            w_lo = tl.maximum((-CLAMP_V - m) * inv + 0.5, 0.0)
+            w_hi = tl.minimum((CLAMP_V - m) * inv + 0.5, 15.0)
+            ql = tl.minimum(tl.maximum(xl * a + b, w_lo), w_hi).to(tl.int32)
+            qh = tl.minimum(tl.maximum(xh * a + b, w_lo), w_hi).to(tl.int32)
+            packed = ql | (qh << 4)  # [BLOCK_T, NG, G/2]
+        else:
+            packed = _code(xl, m, inv) | (_code(xh, m, inv) << 4)
         packed = tl.reshape(packed, (BLOCK_T, D // 2)).to(tl.uint8)
 
         slot = tl.load(loc_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
@@ -144,7 +186,7 @@ def _quantize_kv_kernel(
     T, H, inv_sqrt_b,
     D: tl.constexpr, G: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
     BLOCK_T: tl.constexpr, ROT_K: tl.constexpr, ROT_V: tl.constexpr, CLAMP_V: tl.constexpr,
-    DENSE: tl.constexpr, STAGES: tl.constexpr,
+    DOT_K: tl.constexpr, STAGES: tl.constexpr,
 ):
     # grid: (token-tile programs, kv heads, {K, V}); each program strides over tiles
     pid_t = tl.program_id(0)
@@ -152,10 +194,10 @@ def _quantize_kv_kernel(
     nprog_t = tl.num_programs(0)
     if tl.program_id(2) == 0:
         _quantize_rows(k_ptr, k_st, k_sh, loc_ptr, kd_ptr, ks_ptr, T, H, head, pid_t, nprog_t,
-                       inv_sqrt_b, D, G, B, W, BLOCK_T, ROT_K, CLAMP_V, DENSE, STAGES)
+                       inv_sqrt_b, D, G, B, W, BLOCK_T, ROT_K, CLAMP_V, DOT_K, STAGES)
     else:
         _quantize_rows(v_ptr, v_st, v_sh, loc_ptr, vd_ptr, vs_ptr, T, H, head, pid_t, nprog_t,
-                       inv_sqrt_b, D, G, B, W, BLOCK_T, ROT_V, CLAMP_V, DENSE, STAGES)
+                       inv_sqrt_b, D, G, B, W, BLOCK_T, ROT_V, CLAMP_V, DOT_K, STAGES)
 
 
 @triton.jit
@@ -268,11 +310,11 @@ def quantize_and_store(k, v, loc, k_data, k_scales, v_data, v_scales, fmt: Int4K
 
 
 def _launch_quantize(k, v, loc, k_data, k_scales, v_data, v_scales, fmt, block_t=None,
-                     num_warps=4, programs=None, stages=1, dense=False):
+                     num_warps=4, programs=None, stages=1, dot_k=DOT_K):
     """The launch itself, with the tuning knobs exposed for tests/gpu/quantize_speed.py:
     token-tile size, warps, programs per launch, software-pipelining stages of the
-    tile loop (1 = off) and the dense-dot rotation (the kernel before the Kronecker
-    split, kept for comparison)."""
+    tile loop (1 = off) and the depth of the rotation's tensor-core dot (16..B; the
+    rest of each Hadamard block is butterflies; dot_k >= B is one dense dot)."""
     t, h, d = k.shape
     c, inv_sqrt_b = _consts(fmt)
     bt = block_t or _block_t(d, fmt.block_size, fmt.k_rotated or fmt.v_rotated, num_warps)
@@ -283,7 +325,7 @@ def _launch_quantize(k, v, loc, k_data, k_scales, v_data, v_scales, fmt, block_t
         k_data, k_scales, v_data, v_scales,
         t, h, inv_sqrt_b,
         BLOCK_T=bt, ROT_K=fmt.k_rotated, ROT_V=fmt.v_rotated, CLAMP_V=CLAMP,
-        DENSE=dense, STAGES=stages, num_warps=num_warps, **c,
+        DOT_K=dot_k, STAGES=stages, num_warps=num_warps, **c,
     )
 
 

@@ -168,24 +168,25 @@ def test_without_rotation_is_the_same_format_minus_the_rotation():
 
 @triton.jit
 def _rotate_tile_kernel(x_ptr, y_ptr, BT: tl.constexpr, D: tl.constexpr, B: tl.constexpr,
-                        W: tl.constexpr, DENSE: tl.constexpr):
+                        W: tl.constexpr, DOT_K: tl.constexpr):
     offs = tl.arange(0, BT)[:, None] * D + tl.arange(0, D)[None, :]
-    tl.store(y_ptr + offs, _rotate_pm1(tl.load(x_ptr + offs), BT, D, B, W, DENSE))
+    tl.store(y_ptr + offs, _rotate_pm1(tl.load(x_ptr + offs), BT, D, B, W, DOT_K))
 
 
-@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("dot_k", [16, 64, 256])
 @pytest.mark.parametrize("d, b", [(128, 16), (128, 32), (128, 64), (128, 128), (256, 256),
                                   (256, 128), (64, 64), (64, 4)])
-def test_rotation_tile_matches_reference_rotate(d, b, dense, device):
-    """The in-kernel rotation alone (Kronecker dot + butterflies, or the dense dot) on
-    fp16-exact values vs reference.rotate: equal to fp32 summation-order rounding."""
+def test_rotation_tile_matches_reference_rotate(d, b, dot_k, device):
+    """The in-kernel rotation alone (a dot_k-deep dot + butterflies; dot_k >= b: one
+    dense dot) on fp16-exact values vs reference.rotate: equal to fp32
+    summation-order rounding."""
     bt = max(16, 64 * b // d)  # the kernel's tile rule: >= 64 blocks per tile
     gen = torch.Generator(device).manual_seed(d * 1000 + b)
     x = (torch.randn(bt, d, generator=gen, device=device) * 4).half().float()
     x[0] = 3.0  # a constant row: one nonzero per block, exact zeros elsewhere
     x[1, : d // 2] = 30000.0  # the clamp value, exact in fp16
     y = torch.empty_like(x)
-    _rotate_tile_kernel[(1,)](x, y, BT=bt, D=d, B=b, W=max(b, 16), DENSE=dense)
+    _rotate_tile_kernel[(1,)](x, y, BT=bt, D=d, B=b, W=max(b, 16), DOT_K=dot_k)
     want = ref.rotate(x, b)
     mag = x.abs().amax(-1, keepdim=True)
     torch.testing.assert_close(y / math.sqrt(b), want, rtol=0, atol=4 * b * 2**-24 * mag.max().item())
@@ -209,10 +210,11 @@ def test_kron_rotation_block_sizes_match_reference(d, g, b, dtype, device):
     run_and_compare(k, v, loc, fmt, rows, exact=False, device=device)
 
 
-@pytest.mark.parametrize("knobs", [dict(dense=True), dict(block_t=16, num_warps=8, programs=3, stages=2)])
+@pytest.mark.parametrize("knobs", [dict(dot_k=128), dict(dot_k=16),
+                                   dict(block_t=16, num_warps=8, programs=3, stages=2)])
 def test_tuning_knobs_keep_the_result(knobs, device):
-    """The launch knobs the speed sweep tries (dense-dot rotation, other tiles, warps,
-    program counts, pipelining) write the same bytes as the default launch."""
+    """The launch knobs the speed sweep tries (dot depth, other tiles, warps, program
+    counts, pipelining) write the same bytes as the default launch."""
     fmt = Int4KVFormat(head_dim=128, group_size=64, rotate_v=True)
     t, rows = 50, 80
     _, k, v = fused_kv(t, 4, 2, 128, torch.bfloat16, device)
@@ -225,9 +227,9 @@ def test_tuning_knobs_keep_the_result(knobs, device):
     written[loc] = True
     for a, b_ in zip(bufs, other):
         assert torch.equal(a[~written], b_[~written])
-    # the same arithmetic on CPU gives the same bytes; the dense dot sums in another
-    # order (and GPU tiles may too): then the usual tolerance
-    exact = device == "cpu" and "dense" not in knobs
+    # the same arithmetic on CPU gives the same bytes; another dot depth sums in
+    # another order (and GPU tiles may too): then the usual tolerance
+    exact = device == "cpu" and "dot_k" not in knobs
     slots = written.nonzero().squeeze(1)
     assert_slots_match(other[0:2], bufs[0:2], fmt, slots, exact=exact)
     assert_slots_match(other[2:4], bufs[2:4], fmt, slots, exact=exact)
