@@ -134,11 +134,11 @@ def _quantize_rows(
         if ROTATE:
             x = tl.load(rows + offs_d[None, :], mask=mask_t[:, None], other=0.0).to(tl.float32)
             y = _rotate_pm1(_sanitize(x, CLAMP_V), BLOCK_T, D, B, W, DOT_K)  # x . H_B * sqrt(B)
-            xl, xh = tl.split(tl.permute(tl.reshape(y, (BLOCK_T, NG, 2, HG)), (0, 1, 3, 2)))
+            yg = tl.reshape(y, (BLOCK_T, NG, G))
             # reference: x' = clamp(y / sqrt(B)); scaling by a positive constant and
             # clamping are monotone, so max/min of x' = clamp(scaled max/min of y)
-            hi = tl.maximum(tl.max(xl, axis=2), tl.max(xh, axis=2)) * inv_sqrt_b
-            lo = tl.minimum(tl.min(xl, axis=2), tl.min(xh, axis=2)) * inv_sqrt_b
+            hi = tl.max(yg, axis=2) * inv_sqrt_b
+            lo = tl.min(yg, axis=2) * inv_sqrt_b
             hi = tl.minimum(tl.maximum(hi, -CLAMP_V), CLAMP_V)
             lo = tl.minimum(tl.maximum(lo, -CLAMP_V), CLAMP_V)
         else:
@@ -164,8 +164,11 @@ def _quantize_rows(
             b = 0.5 - m * inv
             w_lo = tl.maximum((-CLAMP_V - m) * inv + 0.5, 0.0)
             w_hi = tl.minimum((CLAMP_V - m) * inv + 0.5, 15.0)
-            ql = tl.minimum(tl.maximum(xl * a + b, w_lo), w_hi).to(tl.int32)
-            qh = tl.minimum(tl.maximum(xh * a + b, w_lo), w_hi).to(tl.int32)
+            q = tl.minimum(tl.maximum(yg * a + b, w_lo), w_hi).to(tl.int32)
+            # split into half-groups after quantising: free where the half-group bit
+            # is a register bit of the dot layout; where it is not (a half-group
+            # spans Hadamard blocks, e.g. D=256 G=256 B=128) it moves codes only
+            ql, qh = tl.split(tl.permute(tl.reshape(q, (BLOCK_T, NG, 2, HG)), (0, 1, 3, 2)))
             packed = ql | (qh << 4)  # [BLOCK_T, NG, G/2]
         else:
             packed = _code(xl, m, inv) | (_code(xh, m, inv) << 4)
