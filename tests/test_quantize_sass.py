@@ -41,7 +41,8 @@ def _compile_sm90(d, g, b, rot_k, rot_v):
                   ROT_K=rot_k, ROT_V=rot_v, CLAMP_V=CLAMP, DOT_K=DOT_K, STAGES=1)
     sig.update({k: "constexpr" for k in consts})
     # what the launcher specialises at serving sizes: 16-aligned pointers and strides
-    aligned = [i for i, n in enumerate(fn.arg_names) if n.endswith("_ptr") or n in ("k_st", "k_sh", "v_st", "v_sh", "T")]
+    aligned = [i for i, n in enumerate(fn.arg_names)
+               if n.endswith("_ptr") or n in ("k_st", "k_sh", "v_st", "v_sh", "T")]
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
