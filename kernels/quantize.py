@@ -7,12 +7,12 @@ pairs into the pool rows named by `loc`. `dequantize` reads slots back to BF16/F
 for the tolerances and why).
 
 Rotation is exact +-1 arithmetic in registers, generated inside the kernel (no
-allocation, no constant buffer): H_B = H_{B/16} (x) H_16, so one K=16 tensor-core dot
-with H_16 rotates the low four index bits of each block and fp32 butterflies the rest
-(B = 128: 16 MACs + 3 adds per element instead of 128 MACs of a dense dot; see
-`_rotate_pm1`). Blocks of 16 or fewer use one dot with a block-diagonal 16x16 matrix.
-Products of fp16 values with +-1 are exact and accumulate in fp32; the 1/sqrt(B)
-factor is applied afterwards.
+allocation, no constant buffer): H_B = H_{B/K} (x) H_K, so one K-deep tensor-core dot
+(K = DOT_K = 64) rotates the low index bits of each block and fp32 butterflies the
+rest (B = 128: 64 MACs + 1 add per element instead of 128 MACs; see `_rotate_pm1`).
+Blocks of 16 or fewer use one dot with a block-diagonal 16x16 matrix. Products of
+fp16 values with +-1 are exact and accumulate in fp32; the 1/sqrt(B) factor and the
+post-rotation clamp are folded into the per-group code arithmetic.
 """
 
 from __future__ import annotations
