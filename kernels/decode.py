@@ -45,8 +45,9 @@ DEFAULT_NUM_SMS = 132
 # the split policy. Update from `python -m saw_sglang.bench.kernels --tune`.
 DEFAULT_CONFIGS: dict[tuple[int, int], dict] = {
     (64, 64): dict(block_n=64, num_warps=4, num_stages=3, waves=8, prefetch=False),
-    # H200, 32/8 heads: best of 72 configs at batch 64 x 8k and 256 x 2k (bench --tune-only)
-    (128, 128): dict(block_n=128, num_warps=4, num_stages=2, waves=4, prefetch=False),
+    # H200, 32/8 heads, random slots (bench --tune-only, docs/gpu-runs.md run 5): best at
+    # 64 x 8k (0.444 ms vs FlashInfer BF16 0.494); at 16 x 8k waves=2 was best (0.122 ms)
+    (128, 128): dict(block_n=128, num_warps=4, num_stages=3, waves=8, prefetch=False),
     (256, 256): dict(block_n=32, num_warps=4, num_stages=3, waves=8, prefetch=False),
 }
 FALLBACK_CONFIG = dict(block_n=32, num_warps=4, num_stages=2, waves=8, prefetch=False)
