@@ -1,6 +1,8 @@
 """Compile the decode split kernel for sm_90 on a machine without a GPU (Triton's bundled
-ptxas) and print instruction statistics of its SASS: a cheap check of what the hot loop
-costs before spending GPU time. usage: python tools/sass/compile_decode.py [--asm 0|1] [--dump]"""
+ptxas) and print its instruction mix and registers: a cheap check of what the hot loop
+costs before spending GPU time.
+usage: python tools/sass/compile_decode.py [--asm 0|1] [--prefetch 0|1] [--block-n N]
+       [--warps N] [--stages N] [--dump | python tools/sass/loop_stats.py]"""
 import argparse
 import collections
 import re
@@ -20,14 +22,12 @@ ap.add_argument("--block-n", type=int, default=128)
 ap.add_argument("--warps", type=int, default=4)
 ap.add_argument("--stages", type=int, default=2)
 ap.add_argument("--dump", action="store_true")
-ap.add_argument("--words", type=int, default=0)
 ap.add_argument("--prefetch", type=int, default=1)
 a = ap.parse_args()
 
 fn = dec._decode_split_kernel
 names = fn.arg_names
-ptrs = {"q_ptr": "*bf16", "kd_ptr": "*i32" if a.words else "*u8", "ks_ptr": "*fp16",
-        "vd_ptr": "*i32" if a.words else "*u8", "vs_ptr": "*fp16",
+ptrs = {"q_ptr": "*bf16", "kd_ptr": "*u8", "ks_ptr": "*fp16", "vd_ptr": "*u8", "vs_ptr": "*fp16",
         "indptr_ptr": "*i32", "indices_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*bf16",
         "mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32"}
 floats = {"sm_scale", "logit_cap", "inv_sqrt_bs"}
