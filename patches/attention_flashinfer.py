@@ -18,6 +18,7 @@ are refused with a clear error.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -27,7 +28,6 @@ from . import int4_attention as ia
 logger = logging.getLogger(__name__)
 
 BACKEND = "flashinfer"
-_CLASS = None
 
 
 class _Int4Meta:
@@ -186,11 +186,10 @@ def _merge(fb_mod):
     return merge
 
 
+@functools.cache
 def backend_class():
-    global _CLASS
-    if _CLASS is None:
-        _CLASS = _build_class()
-    return _CLASS
+    """The INT4 subclass, built once on first use (its base imports SGLang's backend)."""
+    return _build_class()
 
 
 def create_int4_backend(runner):

@@ -17,6 +17,7 @@ constructor runs with a probe that reports the logical head_dim instead.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -26,7 +27,6 @@ from . import int4_attention as ia
 logger = logging.getLogger(__name__)
 
 BACKEND = "triton"
-_CLASS = None
 
 
 class _Int4Meta:
@@ -187,11 +187,10 @@ def _build_class():
     return Int4TritonAttnBackend
 
 
+@functools.cache
 def backend_class():
-    global _CLASS
-    if _CLASS is None:
-        _CLASS = _build_class()
-    return _CLASS
+    """The INT4 subclass, built once on first use (its base imports SGLang's backend)."""
+    return _build_class()
 
 
 def create_int4_backend(runner):
