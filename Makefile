@@ -3,7 +3,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 STAMP := $(VENV)/.saw-installed
 
 .PHONY: test demo venv gpu-test clean
@@ -16,8 +15,9 @@ $(STAMP): requirements/cpu-test.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps sglang==0.5.17
 	$(PY) -m pip install -q -r requirements/cpu-test.txt
 	$(PY) -m pip install -q --no-deps -e .
-	# CPU-only torchvision import shim (tests/shims/torchvision): see README.
-	echo "$(CURDIR)/tests/shims" > "$(SITE)/saw_test_shims.pth"
+	# CPU-only torchvision import shim (tests/shims/torchvision): see README. The venv's
+	# site folder is asked of the venv itself, now that it exists.
+	$(PY) -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "saw_test_shims.pth").write_text("$(CURDIR)/tests/shims\n")'
 	touch $(STAMP)
 
 test: $(STAMP)
