@@ -97,6 +97,15 @@ def choose_num_splits(batch, num_kv_heads, sms=DEFAULT_NUM_SMS, waves=8, max_kv_
     return int(max(1, min(s, max_splits)))
 
 
+def plan_splits(batch, num_kv_heads, fmt: Int4KVFormat, device, max_kv_len=None) -> int:
+    """The split count decode_attention would choose for this batch with its default
+    config: callers that preallocate (one workspace per step or per captured graph)
+    use it so that the kernel never allocates."""
+    cfg = get_config(fmt.head_dim, fmt.group_size)
+    return choose_num_splits(batch, num_kv_heads, num_sms(device), cfg["waves"], max_kv_len,
+                             cfg["block_n"])
+
+
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _hadamard_signs(rows, cols, BS: tl.constexpr, LOG_BS: tl.constexpr):

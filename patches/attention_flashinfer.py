@@ -86,7 +86,9 @@ def _build_class():
                     total=ia.host_total(lens_cpu, P, forward_batch.seq_lens_sum),
                 )
                 max_len = int(lens_cpu.max()) if lens_cpu is not None and lens_cpu.numel() else None
-                self.forward_metadata = _Int4Meta(kv=kv, max_kv_len=max_len)
+                s, ws = ia.eager_decode_plan(self.token_to_kv_pool, kv.kv_lens.shape[0], self.int4_num_q_heads,
+                                             self.int4_num_kv_heads, max_len, self.int4_device)
+                self.forward_metadata = _Int4Meta(kv=kv, max_kv_len=max_len, num_splits=s, workspace=ws)
                 return
             self.forward_metadata = self._extend_metadata(forward_batch)
 
@@ -113,7 +115,7 @@ def _build_class():
         def init_cuda_graph_state(self, max_bs, max_num_tokens, kv_indices_buf=None):
             self.int4_graph = ia.DecodeGraphState(
                 max_bs, self.max_context_len, self.int4_page_size, self.int4_num_q_heads,
-                self.int4_num_kv_heads, self.int4_head_dim, self.int4_device,
+                self.int4_num_kv_heads, ia.pool_format(self.token_to_kv_pool), self.int4_device,
             )
 
         def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):

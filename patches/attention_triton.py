@@ -94,7 +94,9 @@ def _build_class():
                 lens_cpu = forward_batch.seq_lens_cpu
                 kv = ia.KVIndex(md.kv_indptr, md.kv_indices, forward_batch.seq_lens.to(torch.int32), 1)
                 max_len = int(lens_cpu.max()) if lens_cpu is not None and lens_cpu.numel() else None
-                self.int4_meta = _Int4Meta(kv=kv, max_kv_len=max_len)
+                s, ws = ia.eager_decode_plan(self.token_to_kv_pool, kv.kv_lens.shape[0], self.num_head,
+                                             self.int4_num_kv_heads, max_len, self.device)
+                self.int4_meta = _Int4Meta(kv=kv, max_kv_len=max_len, num_splits=s, workspace=ws)
                 return
             prefix_cpu = forward_batch.extend_prefix_lens_cpu
             has_prefix = (any(prefix_cpu) if prefix_cpu is not None
@@ -112,7 +114,8 @@ def _build_class():
                                           cuda_graph_num_kv_splits_buf=cuda_graph_num_kv_splits_buf)
             # Index buffers are the parent's (cuda_graph_kv_indices); only lens are ours.
             self.int4_graph = ia.DecodeGraphState(
-                max_bs, 0, 1, self.num_head, self.int4_num_kv_heads, self.int4_head_dim, self.device
+                max_bs, 0, 1, self.num_head, self.int4_num_kv_heads,
+                ia.pool_format(self.token_to_kv_pool), self.device
             )
 
         def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):

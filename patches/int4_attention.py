@@ -13,7 +13,6 @@ BF16 k/v (never rotated); only the cached prefix comes from the INT4 pool.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -39,14 +38,6 @@ def prefix_kernel():
     from saw_sglang.kernels.prefix import prefix_attention
 
     return prefix_attention
-
-
-def accepts(fn, name: str) -> bool:
-    """Whether a kernel entry point takes keyword `name` (optional tuning hints)."""
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def decode_kernel_module():
@@ -222,13 +213,10 @@ def decode_forward(q, pool, layer, kv: KVIndex, out=None, workspace=None, num_sp
         kwargs["workspace"] = workspace
     if num_splits is not None:
         kwargs["num_splits"] = num_splits
-    kernel = decode_kernel()
-    if max_kv_len is not None and accepts(kernel, "max_kv_len"):
-        kwargs["max_kv_len"] = max_kv_len
-    o = kernel(
+    o = decode_kernel()(
         q3, k_data, k_scales, v_data, v_scales, kv.kv_indptr, kv.kv_indices, kv.kv_lens,
         fmt, layer.scaling, page_size=kv.page_size, logit_cap=float(layer.logit_cap or 0.0),
-        out=o3, **kwargs,
+        out=o3, max_kv_len=max_kv_len, **kwargs,
     )
     return o.reshape(-1, layer.tp_q_head_num * layer.head_dim)
 
@@ -237,12 +225,10 @@ def prefix_forward(q3, qo_indptr, pool, layer, kv: KVIndex, max_q_len=None):
     """New queries over their cached INT4 prefixes -> (o q.dtype, lse natural log)."""
     fmt = pool_format(pool)
     k_data, v_data, k_scales, v_scales = pool.get_raw_kv_buffer(layer.layer_id)
-    kernel = prefix_kernel()
-    kwargs = {"max_q_len": max_q_len} if max_q_len is not None and accepts(kernel, "max_q_len") else {}
-    return kernel(
+    return prefix_kernel()(
         q3, qo_indptr, k_data, k_scales, v_data, v_scales, kv.kv_indptr, kv.kv_indices,
         kv.kv_lens, fmt, layer.scaling, page_size=kv.page_size,
-        logit_cap=float(layer.logit_cap or 0.0), **kwargs,
+        logit_cap=float(layer.logit_cap or 0.0), max_q_len=max_q_len,
     )
 
 
@@ -287,6 +273,15 @@ def torch_merge_state(o1, s1, o2, s2, base2: bool = False):
     return o.to(o1.dtype), (m + torch.log(den)) / f
 
 
+def eager_decode_plan(pool, bs, num_q_heads, num_kv_heads, max_kv_len, device):
+    """(split count, workspace) for one eager decode step, shared by every layer: the
+    kernel then allocates nothing per layer."""
+    fmt = pool_format(pool)
+    dec = decode_kernel_module()
+    s = dec.plan_splits(bs, num_kv_heads, fmt, device, max_kv_len)
+    return s, (dec.alloc_workspace(bs, num_q_heads, fmt.head_dim, s, device) if s > 1 else None)
+
+
 # ---------------------------------------------------------------------------------
 # Decode CUDA-graph state: preallocated index buffers and one shared split workspace
 class DecodeGraphState:
@@ -295,13 +290,14 @@ class DecodeGraphState:
     (host decision), and all batch sizes share one flat split workspace (graphs replay
     one at a time on one stream)."""
 
-    def __init__(self, max_bs, max_context_len, page_size, num_q_heads, num_kv_heads, head_dim, device):
+    def __init__(self, max_bs, max_context_len, page_size, num_q_heads, num_kv_heads, fmt, device):
         self.page_size = page_size
         per_req = -(-max_context_len // page_size) if page_size > 1 else max_context_len
         self.kv_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=device)
         self.kv_indices = torch.zeros(max_bs * per_req, dtype=torch.int32, device=device)
         self.kv_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
-        self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
+        self.num_q_heads, self.num_kv_heads, self.fmt = num_q_heads, num_kv_heads, fmt
+        self.head_dim = fmt.head_dim
         self.device = device
         self.max_bs = max_bs
         self.splits: dict[int, int] = {}
@@ -309,11 +305,7 @@ class DecodeGraphState:
         self._flat_o = self._flat_lse = None
 
     def num_splits(self, bs: int) -> int:
-        dec = decode_kernel_module()
-        if not hasattr(dec, "choose_num_splits"):
-            return 1
-        sms = dec.num_sms(self.device) if hasattr(dec, "num_sms") else 132
-        return int(dec.choose_num_splits(bs, self.num_kv_heads, sms))
+        return decode_kernel_module().plan_splits(bs, self.num_kv_heads, self.fmt, self.device)
 
     def prepare(self, bs: int):
         """Fix the split count and workspace of batch size `bs` (at capture)."""
@@ -324,11 +316,8 @@ class DecodeGraphState:
         self.workspaces[bs] = self._workspace(bs, s) if s > 1 else None
 
     def _workspace(self, bs, s):
-        dec = decode_kernel_module()
+        Workspace = decode_kernel_module().DecodeWorkspace
         hq, d = self.num_q_heads, self.head_dim
-        Workspace = getattr(dec, "DecodeWorkspace", None)
-        if Workspace is None:
-            return dec.alloc_workspace(bs, hq, d, s, device=self.device)
         if self._flat_o is None:
             # One buffer for every batch size: sized for the largest bs * splits.
             rows = max(b * self.num_splits(b) for b in range(1, self.max_bs + 1))

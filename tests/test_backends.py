@@ -65,7 +65,8 @@ class FakeInt4Pool:
 
 
 def _decode_ref(q, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv_lens, fmt,
-                sm_scale, page_size=1, logit_cap=0.0, out=None, workspace=None, num_splits=None):
+                sm_scale, page_size=1, logit_cap=0.0, out=None, workspace=None, num_splits=None,
+                max_kv_len=None):
     o = ref.decode_attention_ref(q, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices,
                                  kv_lens, fmt, sm_scale, page_size, logit_cap)
     if out is not None:
@@ -82,7 +83,7 @@ def ref_kernels(monkeypatch):
         calls["decode"] += 1
         return _decode_ref(*a, **k)
 
-    def pre(*a, **k):
+    def pre(*a, max_q_len=None, **k):
         calls["prefix"] += 1
         return ref.prefix_attention_ref(*a, **k)
 
@@ -91,9 +92,13 @@ def ref_kernels(monkeypatch):
             self.mid_o, self.mid_lse = mid_o, mid_lse
 
     # stand-in for saw_sglang.kernels.decode's split policy and workspace type
+    def plan_splits(bs, hkv, fmt, device, max_kv_len=None):
+        return max(1, 8 // (bs * hkv))
+
     fake_dec = types.SimpleNamespace(
-        num_sms=lambda device: 8,
-        choose_num_splits=lambda bs, hkv, sms: max(1, sms // (bs * hkv)),
+        plan_splits=plan_splits,
+        alloc_workspace=lambda bs, hq, d, s, device: Workspace(
+            torch.empty(bs, hq, s, d, device=device), torch.empty(bs, hq, s, device=device)),
         DecodeWorkspace=Workspace,
     )
     monkeypatch.setattr(ia, "decode_kernel", lambda: dec)
