@@ -141,7 +141,8 @@ def _build_class():
             )
 
         def init_forward_metadata_in_graph(self, forward_batch):
-            pass
+            """Nothing to record: the index buffers and lens are refreshed in place out of
+            the graph (init_forward_metadata_out_graph), which is all a replay reads."""
 
         def get_cuda_graph_seq_len_fill_value(self):
             return 1
