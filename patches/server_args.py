@@ -137,6 +137,7 @@ def check_model(model_config) -> None:
         AttentionArch,
         is_deepseek_dsa,
         is_deepseek_v4,
+        is_hybrid_swa_model,
         is_minimax_sparse,
     )
 
@@ -149,6 +150,12 @@ def check_model(model_config) -> None:
         _fail(f"MLA models ({arch}): INT4 covers multi-head / grouped-query attention", fix)
     if getattr(model_config, "is_hybrid_swa", False):
         _fail(f"hybrid sliding-window models ({arch})", fix)
+    text = getattr(model_config, "hf_text_config", hf)
+    # Sliding-window layers on the plain pool (e.g. Gemma 2/3, or a hybrid model run with
+    # --disable-hybrid-swa-memory) would only fail at the first forward: refuse them here.
+    if ("sliding_attention" in (getattr(text, "layer_types", None) or ())
+            or is_hybrid_swa_model(getattr(hf, "architectures", None) or [], text)):
+        _fail(f"sliding-window attention layers ({arch})", fix)
     if mambaish_config(model_config) is not None or hybrid_gdn_config(model_config) is not None:
         _fail(f"Mamba / hybrid linear-attention models ({arch})", fix)
     if kimi_linear_config(model_config) is not None or linear_attn_model_spec(model_config):

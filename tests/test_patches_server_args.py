@@ -136,6 +136,17 @@ def test_mla_model_refused_before_load(tmp_path):
                    attention_backend="triton", **CPU)
 
 
+def test_sliding_window_layers_refused(llama):
+    """Gemma-2/3-style sliding-window layers on the plain pool are refused at startup,
+    not at the first forward."""
+    mc = ServerArgs(model_path=llama, kv_cache_dtype="auto", **CPU).get_model_config()
+    mc.hf_text_config.layer_types = ["sliding_attention", "full_attention"]
+    with pytest.raises(ValueError, match="sliding-window attention layers"):
+        sa_patch.check_model(mc)
+    mc.hf_text_config.layer_types = ["full_attention", "full_attention"]
+    sa_patch.check_model(mc)
+
+
 @pytest.mark.parametrize("flag,value,message", [
     ("is_hybrid_swa", True, "hybrid sliding-window"),
     ("v_head_dim", 32, "K and V head dims differ"),
