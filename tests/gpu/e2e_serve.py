@@ -3,7 +3,7 @@
     python tests/gpu/e2e_serve.py --model SMOLLM2_DIR --dummy-model QWEN3_8B_SHAPED_DIR \
         --out /tmp/e2e
 
-Starts, one after the other (each health-waited, always killed, logs in --out):
+Starts (each health-waited, always killed, logs in --out):
   bf16        python -m sglang.launch_server, BF16 KV, triton backend, page 1
   int4-had    python -m saw_sglang.launch_server --kv-cache-dtype int4 (Hadamard,
               default backend = our flashinfer), page 1
@@ -11,7 +11,10 @@ Starts, one after the other (each health-waited, always killed, logs in --out):
   int4-p16    int4 Hadamard, triton backend, --page-size 16
   dummy-int4  the Qwen3-8B-shaped config with --load-format dummy, int4
 All with CUDA graphs on (--cuda-graph-max-bs 32, piecewise prefill graphs off) and
---chunked-prefill-size 256. Checks: greedy /generate outputs on 32 prompts vs BF16
+--chunked-prefill-size 256. By default the servers start together, each with a capped
+pool (--max-total-tokens), which saves minutes of start-up and lets other GPU jobs run
+beside; the capacity check is then the startup capacity line. --sequential runs each
+server alone at --mem-fraction-static 0.3 and also compares the pools' measured sizes. Checks: greedy /generate outputs on 32 prompts vs BF16
 token by token (agreement reported per mode), the OpenAI chat endpoint, a long
 shared prefix served twice (radix cache hit, same answer), a prompt longer than the
 chunked-prefill size, and the token capacity vs BF16 at the same memory fraction
@@ -27,9 +30,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 PROMPTS = [
@@ -57,8 +62,12 @@ FILLER = (
 LONG_PREFIX = FILLER * 40  # ~1000 tokens, longer than --chunked-prefill-size 256
 RADIX_Q = LONG_PREFIX + "\nQuestion: The capital of France is"
 COMMON = ["--cuda-graph-max-bs", "32", "--disable-piecewise-cuda-graph",
-          "--chunked-prefill-size", "256", "--mem-fraction-static", "0.3",
-          "--log-level", "info"]
+          "--chunked-prefill-size", "256", "--log-level", "info"]
+ALONE = ["--mem-fraction-static", "0.3"]
+# Servers that share the GPU: SGLang sizes the pool from the free memory minus
+# (1 - fraction) x total, so a fixed cap (and a high fraction) keeps one server's
+# allocation from starving the next one's profile.
+SHARED = ["--mem-fraction-static", "0.85", "--max-total-tokens", "200000"]
 
 
 def post(url, payload, timeout=300):
@@ -146,7 +155,7 @@ def agreement(ref, got):
     return exact / len(ref), prefix / len(ref)
 
 
-def serve_checks(srv, result, ref=None):
+def serve_checks(srv, result):
     outs = srv.generate(PROMPTS)
     result["chat"] = srv.chat("What is the capital of France?")
     long_out = srv.generate([RADIX_Q], max_new=8)[0]
@@ -167,19 +176,66 @@ def serve_checks(srv, result, ref=None):
         # check is the hit and a real answer; sameness is reported.
         "radix_hit_answers": (result["radix_cached_tokens"] or 0) > 0 and bool(again["text"].strip()),
     }
-    if ref is not None:
-        exact, prefix = agreement(ref["outputs"], outs)
-        result["agree_exact"], result["agree_prefix"] = exact, prefix
-        result["long_same_as_bf16"] = tokens(long_out) == tokens(ref["long"])
     result["outputs"], result["long"] = outs, long_out
     return checks
 
 
+_SUMMARY_LOCK = threading.Lock()
+
+
 def _write_summary(out: Path, summary: dict) -> dict:
+    with _SUMMARY_LOCK:
+        return _write_summary_locked(out, summary)
+
+
+def _write_summary_locked(out: Path, summary: dict) -> dict:
     slim = {k: ({kk: vv for kk, vv in v.items() if kk not in ("outputs", "long")}
                 if isinstance(v, dict) else v) for k, v in summary.items()}
     (out / "summary.json").write_text(json.dumps(slim, indent=2, default=str))
     return slim
+
+
+def run_mode(name, cmd, out, port, a, summary):
+    """Start one server, run its checks, record the result in summary[name]."""
+    ref = summary.get("bf16") if a.sequential else None  # measured capacity: pools alone
+    res = summary[name] = {"cmd": " ".join(cmd)}
+    try:
+        with Server(name, cmd, out, port, a.start_timeout) as srv:
+            res["startup_s"] = round(srv.startup_s, 1)
+            if name.startswith("dummy"):
+                outs = srv.generate(PROMPTS[:4], max_new=16)
+                res["saw_int4"] = srv.info().get("saw_int4")
+                checks = {"serves": all("text" in o for o in outs)}
+            else:
+                checks = serve_checks(srv, res)
+            if name != "bf16":
+                rep = res.get("saw_int4") or {}
+                ratio = rep.get("capacity_vs_bf16", 0)
+                checks["capacity_line"] = bool(rep)
+                checks["capacity_vs_bf16>=%.1f" % a.min_capacity_ratio] = ratio >= a.min_capacity_ratio
+                if ref and ref.get("max_total_num_tokens") and not name.startswith("dummy"):
+                    measured = res["max_total_num_tokens"] / ref["max_total_num_tokens"]
+                    res["measured_capacity_ratio"] = round(measured, 3)
+                    checks["measured_capacity>=%.1f" % a.min_capacity_ratio] = measured >= a.min_capacity_ratio
+            res["checks"] = checks
+            res["ok"] = all(checks.values())
+    except Exception as e:  # noqa: BLE001 - record and go on to the next server
+        res["ok"], res["error"] = False, f"{type(e).__name__}: {e}"
+    failed = [k for k, v in (res.get("checks") or {}).items() if not v]
+    print(f"[{name}] ok={res['ok']} failed={failed} {res.get('error', '')}", flush=True)
+    _write_summary(out, summary)  # after every server: a later timeout loses nothing
+
+
+def add_agreement(summary):
+    """Greedy outputs of every int4 mode vs BF16, token by token."""
+    ref = summary.get("bf16") or {}
+    if "outputs" not in ref:
+        return
+    for name, res in summary.items():
+        if name == "bf16" or not isinstance(res, dict) or "outputs" not in res:
+            continue
+        res["agree_exact"], res["agree_prefix"] = agreement(ref["outputs"], res["outputs"])
+        res["long_same_as_bf16"] = tokens(res["long"]) == tokens(ref["long"])
 
 
 def main():
@@ -190,6 +246,8 @@ def main():
     ap.add_argument("--port", type=int, default=31000)
     ap.add_argument("--start-timeout", type=float, default=420)
     ap.add_argument("--min-capacity-ratio", type=float, default=3.5)
+    ap.add_argument("--sequential", action="store_true",
+                    help="each server alone at --mem-fraction-static 0.3, pools compared (slower)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,38 +264,12 @@ def main():
     if a.dummy_model:
         modes.append(("dummy-int4", ours + ["--model-path", a.dummy_model, "--load-format", "dummy"]))
 
-    summary, ref, t_all = {}, None, time.time()
-    for i, (name, cmd) in enumerate(modes):
-        res = summary[name] = {"cmd": " ".join(cmd + COMMON)}
-        try:
-            with Server(name, cmd + COMMON, out, a.port + i, a.start_timeout) as srv:
-                res["startup_s"] = round(srv.startup_s, 1)
-                if name.startswith("dummy"):
-                    outs = srv.generate(PROMPTS[:4], max_new=16)
-                    info = srv.info()
-                    res["saw_int4"] = info.get("saw_int4")
-                    checks = {"serves": all("text" in o for o in outs)}
-                else:
-                    checks = serve_checks(srv, res, ref)
-                if name == "bf16":
-                    ref = res
-                else:
-                    rep = res.get("saw_int4") or {}
-                    ratio = rep.get("capacity_vs_bf16", 0)
-                    checks["capacity_line"] = bool(rep)
-                    checks["capacity_vs_bf16>=%.1f" % a.min_capacity_ratio] = ratio >= a.min_capacity_ratio
-                    if ref is not None and not name.startswith("dummy"):
-                        measured = res["max_total_num_tokens"] / ref["max_total_num_tokens"]
-                        res["measured_capacity_ratio"] = round(measured, 3)
-                        checks["measured_capacity>=%.1f" % a.min_capacity_ratio] = measured >= a.min_capacity_ratio
-                res["checks"] = checks
-                res["ok"] = all(checks.values())
-        except Exception as e:  # noqa: BLE001 - record and go on to the next server
-            res["ok"], res["error"] = False, f"{type(e).__name__}: {e}"
-        failed = [k for k, v in (res.get("checks") or {}).items() if not v]
-        print(f"[{name}] ok={res['ok']} agree_exact={res.get('agree_exact')} "
-              f"agree_prefix={res.get('agree_prefix')} failed={failed} {res.get('error', '')}", flush=True)
-        _write_summary(out, summary)  # after every server: a later timeout loses nothing
+    summary, t_all = {}, time.time()
+    jobs = [(name, cmd + COMMON + (ALONE if a.sequential else SHARED), a.port + i)
+            for i, (name, cmd) in enumerate(modes)]
+    with ThreadPoolExecutor(1 if a.sequential else len(jobs)) as pool:
+        list(pool.map(lambda j: run_mode(j[0], j[1], out, j[2], a, summary), jobs))
+    add_agreement(summary)
 
     summary["total_s"] = round(time.time() - t_all, 1)
     slim = _write_summary(out, summary)

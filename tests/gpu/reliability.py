@@ -456,6 +456,10 @@ def count_retractions(log_path: str) -> int:
 def main_phases(args, report: dict) -> List[Check]:
     checks: List[Check] = []
     probes = probe_requests(args.probes)
+    # The numerics servers run beside the soak (their own pools; see --mem-fraction-static).
+    numerics_job = None
+    if not args.skip_numerics:
+        numerics_job = ThreadPoolExecutor(1).submit(numerics, args, probes, report)
     with start(args, "saw-int4", args.saw_launcher, args.saw_args, args.model) as srv:
         url = srv.url
         info = srv.server_info()
@@ -504,19 +508,27 @@ def main_phases(args, report: dict) -> List[Check]:
                             f"start {base.get('num_used_tokens')}, end {idle.get('num_used_tokens')}"))
         checks.append(Check("server alive at the end", srv.alive()))
 
-    if not args.skip_numerics:
-        checks += numerics(args, probes, report)
+    if numerics_job is not None:
+        checks += numerics_job.result()
     return checks
 
 
 def numerics(args, probes, report) -> List[Check]:
     copy = Path(args.log_dir) / f"model-kproj-x{args.scale:g}-layer{args.scale_layer}"
     names = scale_kproj(args.model, str(copy), args.scale_layer, args.scale)
-    outs = {}
-    for name, launcher, kv in (("saw-int4", args.saw_launcher, args.saw_args),
-                               ("bf16", args.stock_launcher, args.stock_args)):
-        with start(args, f"numerics-{name}", launcher, kv, str(copy)) as srv:
+    servers = {name: start(args, f"numerics-{name}", launcher, kv, str(copy))
+               for name, launcher, kv in (("saw-int4", args.saw_launcher, args.saw_args),
+                                          ("bf16", args.stock_launcher, args.stock_args))}
+    try:
+        for srv in servers.values():
+            srv.start()
+        outs = {}
+        for name, srv in servers.items():
+            srv.wait_healthy()
             outs[name] = run_probes(srv.url, probes)
+    finally:
+        for srv in servers.values():
+            srv.stop()
     r = numerics_compare(outs["saw-int4"], outs["bf16"])
     report["numerics"] = {"scaled": names, "factor": args.scale, **r}
     if not args.keep_model_copy:
@@ -547,7 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=64, help="soak client threads")
     p.add_argument("--max-total-tokens", type=int, default=12000,
                    help="KV pool cap: small so the soak queues and retracts")
-    p.add_argument("--mem-fraction-static", type=float, default=0.3)
+    # High, since every server caps its pool with --max-total-tokens: SGLang refuses to
+    # start when free memory < (1 - fraction) x total, and several servers share the GPU.
+    p.add_argument("--mem-fraction-static", type=float, default=0.85)
     p.add_argument("--attention-backend", default="triton")
     p.add_argument("--server-args", default="--disable-piecewise-cuda-graph")
     p.add_argument("--saw-launcher", default="{python} -m saw_sglang.launch_server")

@@ -10,13 +10,20 @@
 #   pytest   pytest -m gpu -q tests/gpu
 #   bench    python -m saw_sglang.bench.kernels --out OUT_DIR/bench
 #   e2e      python tests/gpu/e2e_serve.py --model ... --dummy-model ... --out OUT_DIR/e2e
+#   eval     python tests/gpu/eval_servers.py: eval --server through one server per KV mode
+#   reliability  python tests/gpu/reliability.py --duration $SOAK_S (default 900)
+#   serve    python -m saw_sglang.bench serve on the Qwen3-8B-shaped dummy model, $SERVE_ARGS
+#            (default --budget)
+# install..e2e run by default; eval, reliability and serve only when named in --only.
 # A short summary table (also OUT_DIR/summary.txt) comes last. --pack tars OUT_DIR into
 # OUT_DIR/all.tar.gz (keeping summary.txt beside it), for transports that take few files.
 # Settings (environment): PARTS=/tmp/parts SITE=/tmp/site SELF_SITE=/tmp/site-self
 # MODELS=/tmp/models PYTHON=python3, timeouts in seconds T_INSTALL=420 T_MODELS=420
-# T_PYTEST=540 T_BENCH=540 T_E2E=540, PYTEST_ARGS (extra pytest arguments).
+# T_PYTEST=540 T_BENCH=540 T_E2E=540 T_EVAL=540 T_RELIABILITY=1500 T_SERVE=1500,
+# PYTEST_ARGS (extra pytest arguments), BENCH_ARGS (e.g. --quick), REL_ARGS (extra
+# reliability.py arguments, e.g. --mem-fraction-static 0.85 beside other GPU jobs).
 set -uo pipefail
-[ $# -ge 1 ] || { sed -n '2,20p' "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,27p' "$0"; exit 2; }
 OUT="$(mkdir -p "$1" && cd "$1" && pwd)"; shift
 ONLY="install,models,pytest,bench,e2e"; PACK=0
 while [ $# -gt 0 ]; do
@@ -96,7 +103,7 @@ step_bench() {
   if ! "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("saw_sglang.bench.kernels") is None)' 2>/dev/null; then
     echo "saw_sglang.bench.kernels is not in this tree: skipped"; return 99
   fi
-  "$PY" -m saw_sglang.bench.kernels --out "$OUT/bench"
+  "$PY" -m saw_sglang.bench.kernels --out "$OUT/bench" ${BENCH_ARGS:-}
 }
 
 step_e2e() {
@@ -107,13 +114,28 @@ step_e2e() {
     --dummy-model "$MODELS/qwen3-8b-shape" --out "$OUT/e2e"
 }
 
-export -f step_install step_models step_pytest step_bench step_e2e
+step_eval() {
+  "$PY" tests/gpu/eval_servers.py --model "$MODELS/smollm2-135m-instruct" --out "$OUT/eval"
+}
+
+step_reliability() {
+  "$PY" tests/gpu/reliability.py --model "$MODELS/smollm2-135m-instruct" --duration "${SOAK_S:-900}" \
+    --out "$OUT/reliability/reliability.json" --log-dir "$OUT/reliability/logs" ${REL_ARGS:-}
+}
+
+step_serve() {
+  "$PY" -m saw_sglang.bench serve --model-path "$MODELS/qwen3-8b-shape" --load-format dummy \
+    --out "$OUT/serve" ${SERVE_ARGS:---budget}
+}
+
+export -f step_install step_models step_pytest step_bench step_e2e step_eval step_reliability step_serve
 export PY PARTS SITE SELF_SITE MODELS REPO OUT
 
 declare -A LIMIT=([install]=${T_INSTALL:-420} [models]=${T_MODELS:-420} [pytest]=${T_PYTEST:-540}
-                  [bench]=${T_BENCH:-540} [e2e]=${T_E2E:-540})
+                  [bench]=${T_BENCH:-540} [e2e]=${T_E2E:-540} [eval]=${T_EVAL:-540}
+                  [reliability]=${T_RELIABILITY:-1500} [serve]=${T_SERVE:-1500})
 failed=0
-for step in install models pytest bench e2e; do
+for step in install models pytest bench e2e eval reliability serve; do
   case ",$ONLY," in *",$step,"*) ;; *) continue ;; esac
   run_step "$step" "${LIMIT[$step]}" bash -c "step_$step"
   rc=$?

@@ -1,0 +1,77 @@
+"""Accuracy through the real serving path on a GPU: one server per KV mode, scored by
+`python -m saw_sglang.eval --server` on the same windows as the simulated modes.
+
+    python tests/gpu/eval_servers.py --model /tmp/models/smollm2-135m-instruct --out /tmp/eval-gpu
+
+Starts the servers together (each with a capped pool, so they share the GPU), waits
+for all to be healthy, runs the evaluation (simulated modes on the GPU + every server
+at --server-step 1, the decode-like view; see docs/eval.md), stops every server (also
+on errors or Ctrl-C). Server logs go to --out. Not collected by pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from saw_sglang.bench.server import ManagedServer, free_port
+
+STOCK = "{python} -m sglang.launch_server"
+OURS = "{python} -m saw_sglang.launch_server --kv-cache-dtype int4"
+# label -> launcher + KV args; a label starting with bf16 is the eval's reference.
+MODES = {
+    "bf16": STOCK,
+    "fp8": STOCK + " --kv-cache-dtype fp8_e4m3",
+    "int4-naive": OURS + " --saw-rotation none",
+    "int4": OURS,
+    "int4-kv": OURS + " --saw-rotate-v",
+}
+SHARED = "--mem-fraction-static 0.85 --max-total-tokens 100000 --disable-piecewise-cuda-graph"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="Hugging Face model folder")
+    p.add_argument("--modes", default=",".join(MODES), help="comma list from: " + ", ".join(MODES))
+    p.add_argument("--attention-backend", default="flashinfer")
+    p.add_argument("--tokens", type=int, default=2048, help="scored tokens (eval --tokens)")
+    p.add_argument("--ctx", type=int, default=256, help="window length (eval --ctx)")
+    p.add_argument("--server-step", type=int, default=1)
+    p.add_argument("--start-timeout", type=float, default=600)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    py = shlex.quote(sys.executable)
+    servers = {}
+    for label in a.modes.split(","):
+        port = free_port()
+        cmd = shlex.split(MODES[label].replace("{python}", py)) + [
+            "--model-path", a.model, "--port", str(port), "--attention-backend", a.attention_backend,
+        ] + shlex.split(SHARED)
+        servers[label] = ManagedServer(cmd, "127.0.0.1", port, str(out / f"server-{label}.log"),
+                                       start_timeout_s=a.start_timeout)
+    try:
+        for srv in servers.values():
+            srv.start()
+        with ThreadPoolExecutor(len(servers)) as pool:
+            waits = dict(zip(servers, pool.map(lambda s: s.wait_healthy(), servers.values())))
+        print("servers up: " + ", ".join(f"{k} {v:.0f} s" for k, v in waits.items()), flush=True)
+        cmd = [sys.executable, "-m", "saw_sglang.eval", "--model", a.model, "--device", "cuda",
+               "--tokens", str(a.tokens), "--ctx", str(a.ctx), "--server-step", str(a.server_step),
+               "--out", str(out)]
+        for label, srv in servers.items():
+            cmd += ["--server", f"{label}={srv.url}"]
+        print(" ".join(cmd), flush=True)
+        return subprocess.call(cmd)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
