@@ -145,8 +145,19 @@ def _dequantize_kernel(
     if ROTATE:
         # fp32 FMA dot ("ieee"): dequantised values are not fp16-exact; this path is
         # for fallbacks and tests, not the hot loop.
-        hm = _hadamard_pm1(W, B, tl.float32)
-        y = tl.dot(tl.reshape(x, (BLOCK_T * D // W, W)), hm, input_precision="ieee")
+        R: tl.constexpr = BLOCK_T * D // W
+        if W <= 128:
+            hm = _hadamard_pm1(W, B, tl.float32)
+            y = tl.dot(tl.reshape(x, (R, W)), hm, input_precision="ieee")
+        else:
+            # H_W = H_2 (x) H_{W/2}: one butterfly, then two dots with H_{W/2} (an fp32
+            # [256, 256] matrix would need 256 KiB of shared memory; the H200 has 227).
+            HW: tl.constexpr = W // 2
+            a, b = tl.split(tl.permute(tl.reshape(x, (R, 2, HW)), (0, 2, 1)))
+            hm = _hadamard_pm1(HW, HW, tl.float32)
+            ya = tl.dot(a + b, hm, input_precision="ieee")
+            yb = tl.dot(a - b, hm, input_precision="ieee")
+            y = tl.permute(tl.join(ya, yb), (0, 2, 1))
         x = tl.reshape(y, (BLOCK_T, D)) * inv_sqrt_b
     optrs = out_ptr + offs_t.to(tl.int64)[:, None] * o_st + head * o_sh + e[None, :]
     tl.store(optrs, x.to(out_ptr.dtype.element_ty), mask=m2)

@@ -29,7 +29,8 @@ def parser():
     return p
 
 
-def test_parser_accepts_int4_and_saw_flags(llama):
+def test_parser_accepts_int4_and_saw_flags(llama, monkeypatch):
+    monkeypatch.setenv(sa_patch.GROUPS_ENV, "1")  # groups of 32 are opt-in
     ns = parser().parse_args([
         "--model-path", llama, "--kv-cache-dtype", "int4", "--saw-rotation", "none",
         "--saw-hadamard-block-size", "32", "--saw-group-size", "32", "--saw-rotate-v",
@@ -97,6 +98,8 @@ REFUSALS = [
     (dict(attention_backend="triton", saw_group_size=24), "group size 24 must be an even divisor"),
     (dict(attention_backend="triton", saw_group_size=4), "--saw-group-size 4 is too small"),
     (dict(attention_backend="triton", saw_rotation="random"), "rotation must be one of"),
+    (dict(attention_backend="triton", saw_group_size=32), "experimental.*SAW_INT4_EXPERIMENTAL_GROUPS=1"),
+    (dict(attention_backend="triton", saw_group_size=16), "groups of at least 32.*leave it unset"),
 ]
 
 
@@ -104,6 +107,16 @@ REFUSALS = [
 def test_refusals_name_the_fix(llama, kwargs, message):
     with pytest.raises(ValueError, match=message):
         ServerArgs(model_path=llama, kv_cache_dtype="int4", **CPU, **kwargs)
+
+
+def test_group_opt_in(llama, monkeypatch):
+    monkeypatch.setenv(sa_patch.GROUPS_ENV, "1")
+    args = ServerArgs(model_path=llama, kv_cache_dtype="int4", saw_group_size=32, **CPU,
+                      attention_backend="triton")
+    assert args.saw_group_size == 32
+    with pytest.raises(ValueError, match="at least 32"):
+        ServerArgs(model_path=llama, kv_cache_dtype="int4", saw_group_size=16, **CPU,
+                   attention_backend="triton")
 
 
 def test_feature_refusals_on_resolved_args(llama):

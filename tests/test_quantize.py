@@ -101,7 +101,7 @@ def test_repeated_padding_slot_does_not_corrupt_other_slots(device):
         assert torch.isfinite(sc[0].float()).all() and not sc[0].eq(-1234.0).any()
 
 
-@pytest.mark.parametrize("d, g, b", [(64, 64, 64), (128, 32, 128), (128, 128, 16), (64, 32, 8)])
+@pytest.mark.parametrize("d, g, b", [(64, 64, 64), (128, 32, 128), (128, 128, 16), (64, 32, 8), (256, 64, 256)])
 @pytest.mark.parametrize("rotated", [False, True])
 def test_dequantize_matches_reference_on_same_bytes(d, g, b, rotated, device):
     fmt = Int4KVFormat(head_dim=d, group_size=g, block_size=b)
