@@ -61,7 +61,7 @@ def test_server_perplexity_from_logprobs(url, step):
 
     rng = random.Random(step)
     wins = [[rng.randrange(1000) for _ in range(n)] for n in (17, 30)]
-    tally, tops = server.score(url, wins, step)
+    tally, tops = server.score(url, wins, step, concurrency=1)
     want = [fake_logprob(i, w[i]) for w in wins for i in range(1, len(w))]
     m = tally.metrics()
     assert m["tokens"] == len(want)
@@ -73,6 +73,11 @@ def test_server_perplexity_from_logprobs(url, step):
         for done in range(1, len(w), step):
             expected.append((min(len(w), done + step), done - 1))
     assert FakeSGLang.requests_seen == expected
+    # windows scored concurrently: same figures, same requests (interleaved across windows)
+    FakeSGLang.requests_seen = []
+    tally2, tops2 = server.score(url, wins, step, concurrency=2)
+    assert tally2.metrics()["ppl"] == m["ppl"] and tally2.metrics()["tokens"] == m["tokens"] and tops2 == tops
+    assert sorted(FakeSGLang.requests_seen) == sorted(expected)
 
 
 def test_server_top1_agreement(url):
@@ -81,3 +86,26 @@ def test_server_top1_agreement(url):
     tally, _ = server.score(url, wins, 19, ref_tops=ref)
     assert tally.metrics()["top1_agree"] == pytest.approx(15 / 19)
     assert math.isnan(tally.metrics()["kl"])
+
+
+def test_cli_scores_servers_concurrently_against_the_bf16_one(url, tmp_path):
+    """`--server` end to end: every server scored (at once), the bf16-labelled one first
+    and the top-1 reference; the fake answers alike, so agreement is 1."""
+    import json
+
+    import torch
+
+    from saw_sglang.eval.__main__ import main
+    from test_eval_cli import _tiny_model_dir
+
+    words = _tiny_model_dir(tmp_path / "m")
+    g = torch.Generator().manual_seed(2)
+    (tmp_path / "t.txt").write_text(" ".join(words[i] for i in torch.randint(0, len(words), (200,), generator=g).tolist()))
+    rc = main(["--model", str(tmp_path / "m"), "--text", str(tmp_path / "t.txt"), "--tokens", "60",
+               "--ctx", "20", "--no-sim", "--server-step", "7", "--server", f"int4={url}",
+               "--server", f"bf16={url}", "--out", str(tmp_path / "o")])
+    assert rc == 0
+    rows = json.loads((tmp_path / "o" / "results.json").read_text())["results"]
+    assert [r["label"] for r in rows] == ["bf16", "int4"]
+    assert all(r["tokens"] == 60 and r["top1_agree"] == 1 for r in rows)
+    assert rows[1]["dppl"] == 0  # same answers as the reference

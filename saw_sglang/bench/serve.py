@@ -121,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-total-tokens", type=int, default=None,
                    help="cap the KV pool (tokens) to emulate a smaller GPU")
     p.add_argument("--load-format", default=None, help="e.g. dummy")
-    p.add_argument("--attention-backend", default=None, help="e.g. flashinfer or triton")
+    p.add_argument("--attention-backend", default="flashinfer",
+                   help="for every mode, so all compare on one backend family (stock SGLang "
+                        "picks fa3 on Hopper, which needs sgl_kernel's flash_ops); '' = each "
+                        "server's default")
     p.add_argument("--disable-piecewise-cuda-graph", action="store_true")
     p.add_argument("--server-args", default="", help="extra args for every server (one string)")
     p.add_argument("--mode-args", action="append", default=[], metavar="NAME=ARGS",

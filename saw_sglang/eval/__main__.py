@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-step", type=int, default=0,
                    help="tokens per server request; each request extends the cached prefix "
                         "(1: decode-like; default 0: one request per window)")
+    p.add_argument("--server-concurrency", type=int, default=8,
+                   help="windows scored at once per server (each window's requests stay in order)")
     p.add_argument("--no-sim", action="store_true", help="skip the simulation engine (servers only)")
     p.add_argument("--out", default="eval-out", help="folder for results.json and eval.png")
     return p
@@ -111,13 +114,20 @@ def main(argv=None) -> int:
 
         servers = [s.partition("=")[::2] if "=" in s else (f"server{i}", s) for i, s in enumerate(args.server)]
         servers.sort(key=lambda s: not s[0].startswith("bf16"))  # the reference first
-        ref_tops = None
-        for label, url in servers:
-            with tqdm(total=len(wins), desc=f"server {label}", unit="window") as bar:
-                tally, tops = server.score(url, wins, args.server_step or args.ctx, ref_tops, bar)
-            if label.startswith("bf16") and ref_tops is None:
-                ref_tops = tops
+        step = args.server_step or args.ctx
+        # Servers are independent: score them all at once (windows in parallel too).
+        with tqdm(total=len(wins) * len(servers), desc="servers", unit="window") as bar, \
+                ThreadPoolExecutor(len(servers)) as pool:
+            scored = list(pool.map(lambda s: server.score(s[1], wins, step, progress=bar,
+                                                          concurrency=args.server_concurrency),
+                                   servers))
+        ref_tops = next((tops for (label, _), (_, tops) in zip(servers, scored)
+                         if label.startswith("bf16")), None)
+        for (label, url), (tally, tops) in zip(servers, scored):
+            if tops is ref_tops:
                 tally.agree, tally.agree_n = tally.n, tally.n
+            elif ref_tops is not None:
+                server.add_agreement(tally, tops, ref_tops)
             rows.append({"engine": f"server {label}", "spec": label, "label": label, "kind": "server",
                          "bytes_per_token": None, "compression": None, "url": url,
                          "server_step": args.server_step or args.ctx, **tally.metrics()})

@@ -11,6 +11,8 @@ simulation also quantizes."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import requests
 
 from .score import Tally
@@ -51,20 +53,33 @@ def score_window(url: str, w: list[int], step: int, top1: bool = True, timeout: 
 
 
 def score(url: str, windows: list[list[int]], step: int, ref_tops: list | None = None,
-          progress=None) -> tuple[Tally, list]:
+          progress=None, concurrency: int = 8) -> tuple[Tally, list]:
     """Perplexity of the windows through the server; top-1 agreement against ref_tops
-    (a BF16 server's argmax tokens, same windows) when given."""
-    tally, all_tops = Tally(kl=float("nan")), []
-    for w in windows:
-        lps, tops = score_window(url, w, step)
+    (a BF16 server's argmax tokens, same windows) when given. Windows are scored
+    `concurrency` at a time (each window's requests stay in order: its step requests
+    build on the radix cache of the previous one)."""
+    def one(w):
+        result = score_window(url, w, step)
+        if progress is not None:
+            progress.update(1)
+        return result
+
+    with ThreadPoolExecutor(max(1, concurrency)) as pool:
+        results = list(pool.map(one, windows))
+    tally = Tally(kl=float("nan"))
+    all_tops = []
+    for lps, tops in results:
         tally.nll -= sum(lps)
         tally.n += len(lps)
         all_tops.append(tops)
-        if progress is not None:
-            progress.update(1)
     if ref_tops is not None:
-        for a, b in zip(all_tops, ref_tops):
-            pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
-            tally.agree += sum(x == y for x, y in pairs)
-            tally.agree_n += len(pairs)
+        add_agreement(tally, all_tops, ref_tops)
     return tally, all_tops
+
+
+def add_agreement(tally: Tally, tops: list, ref_tops: list) -> None:
+    """Top-1 agreement of `tops` with `ref_tops` (per window, positions with both)."""
+    for a, b in zip(tops, ref_tops):
+        pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+        tally.agree += sum(x == y for x, y in pairs)
+        tally.agree_n += len(pairs)
