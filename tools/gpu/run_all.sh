@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU-host run, from the repository root of a host without network:
 #
-#   tools/gpu/run_all.sh OUT_DIR [--only STEP[,STEP...]] [--pack]
+#   tools/gpu/run_all.sh OUT_DIR [--only STEP[,STEP...]] [--together] [--pack]
 #
 # Steps, in order (each with its own timeout and log OUT_DIR/logs/STEP.log):
 #   install  reassemble + install the offline bundle from $PARTS into $SITE (skipped when
@@ -15,6 +15,8 @@
 #   serve    python -m saw_sglang.bench serve on the Qwen3-8B-shaped dummy model, $SERVE_ARGS
 #            (default --budget)
 # install..e2e run by default; eval, reliability and serve only when named in --only.
+# --together starts e2e, eval and reliability at once (their servers cap their pools and
+# share the GPU: run 6 ran all three in 565 s); bench and serve wait for them.
 # A short summary table (also OUT_DIR/summary.txt) comes last. --pack tars OUT_DIR into
 # OUT_DIR/all.tar.gz (keeping summary.txt beside it), for transports that take few files.
 # Settings (environment): PARTS=/tmp/parts SITE=/tmp/site SELF_SITE=/tmp/site-self
@@ -23,13 +25,14 @@
 # PYTEST_ARGS (extra pytest arguments), BENCH_ARGS (e.g. --quick), REL_ARGS (extra
 # reliability.py arguments, e.g. --mem-fraction-static 0.85 beside other GPU jobs).
 set -uo pipefail
-[ $# -ge 1 ] || { sed -n '2,27p' "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,29p' "$0"; exit 2; }
 OUT="$(mkdir -p "$1" && cd "$1" && pwd)"; shift
-ONLY="install,models,pytest,bench,e2e"; PACK=0
+ONLY="install,models,pytest,bench,e2e"; PACK=0; TOGETHER=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --only) ONLY="$2"; shift 2 ;;
     --pack) PACK=1; shift ;;
+    --together) TOGETHER=1; shift ;;
     *) echo "unknown argument: $1"; exit 2 ;;
   esac
 done
@@ -135,8 +138,21 @@ declare -A LIMIT=([install]=${T_INSTALL:-420} [models]=${T_MODELS:-420} [pytest]
                   [bench]=${T_BENCH:-540} [e2e]=${T_E2E:-540} [eval]=${T_EVAL:-540}
                   [reliability]=${T_RELIABILITY:-1500} [serve]=${T_SERVE:-1500})
 failed=0
+pids=()
+wait_together() {
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  pids=()
+}
 for step in install models pytest bench e2e eval reliability serve; do
   case ",$ONLY," in *",$step,"*) ;; *) continue ;; esac
+  if [ "$TOGETHER" = 1 ]; then
+    case "$step" in
+      e2e|eval|reliability)
+        run_step "$step" "${LIMIT[$step]}" bash -c "step_$step" > "$OUT/logs/$step.out" 2>&1 &
+        pids+=($!); continue ;;
+      bench|serve) wait_together ;;  # timings want the GPU to themselves
+    esac
+  fi
   run_step "$step" "${LIMIT[$step]}" bash -c "step_$step"
   rc=$?
   if [ $rc -ne 0 ] && [ $rc -ne 99 ]; then
@@ -147,6 +163,8 @@ for step in install models pytest bench e2e eval reliability serve; do
     fi
   fi
 done
+
+wait_together
 
 {
   echo "step     status    time  log"
