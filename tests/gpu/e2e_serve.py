@@ -195,19 +195,23 @@ def _write_summary_locked(out: Path, summary: dict) -> dict:
     return slim
 
 
+def first_checks(srv, name, res):
+    """Start-up time, then the serving checks (a dummy-weights model: only that it serves)."""
+    res["startup_s"] = round(srv.startup_s, 1)
+    if name.startswith("dummy"):
+        outs = srv.generate(PROMPTS[:4], max_new=16)
+        res["saw_int4"] = srv.info().get("saw_int4")
+        return {"serves": all("text" in o for o in outs)}
+    return serve_checks(srv, res)
+
+
 def run_mode(name, cmd, out, port, a, summary):
     """Start one server, run its checks, record the result in summary[name]."""
     ref = summary.get("bf16") if a.sequential else None  # measured capacity: pools alone
     res = summary[name] = {"cmd": " ".join(cmd)}
     try:
         with Server(name, cmd, out, port, a.start_timeout) as srv:
-            res["startup_s"] = round(srv.startup_s, 1)
-            if name.startswith("dummy"):
-                outs = srv.generate(PROMPTS[:4], max_new=16)
-                res["saw_int4"] = srv.info().get("saw_int4")
-                checks = {"serves": all("text" in o for o in outs)}
-            else:
-                checks = serve_checks(srv, res)
+            checks = first_checks(srv, name, res)
             if name != "bf16":
                 rep = res.get("saw_int4") or {}
                 ratio = rep.get("capacity_vs_bf16", 0)

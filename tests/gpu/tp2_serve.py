@@ -40,7 +40,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e_serve import COMMON, PROMPTS, Server, agreement, serve_checks  # noqa: E402
+from e2e_serve import ALONE, Server, agreement, first_checks  # noqa: E402
+from e2e_serve import COMMON as E2E_COMMON  # noqa: E402
+
+COMMON = E2E_COMMON + ALONE  # each server alone on its GPUs
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                 "NVSHMEM_DISABLE_NVLS": "1"}
@@ -79,13 +82,7 @@ def run_mode(name, cmd, out: Path, port: int, timeout: float, model_dir: str, mi
     res = {"cmd": " ".join(cmd + COMMON), "tp": tp}
     try:
         with Server(name, cmd + COMMON, out, port, timeout) as srv:
-            res["startup_s"] = round(srv.startup_s, 1)
-            if name.startswith("dummy"):
-                outs = srv.generate(PROMPTS[:4], max_new=16)
-                res["saw_int4"] = srv.info().get("saw_int4")
-                checks = {"serves": all("text" in o for o in outs)}
-            else:
-                checks = serve_checks(srv, res)
+            checks = first_checks(srv, name, res)
             if "int4" in name:
                 rep = res.get("saw_int4") or {}
                 want = rank_bytes_per_token(model_dir, tp)
