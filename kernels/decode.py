@@ -47,7 +47,9 @@ DEFAULT_CONFIGS: dict[tuple[int, int], dict] = {
     (64, 64): dict(block_n=64, num_warps=4, num_stages=3, waves=8, prefetch=False),
     # H200, 32/8 heads, random slots (bench --tune-only, docs/gpu-runs.md run 5): best at
     # 64 x 8k (0.444 ms vs FlashInfer BF16 0.494); at 16 x 8k waves=2 was best (0.122 ms)
-    (128, 128): dict(block_n=128, num_warps=4, num_stages=3, waves=8, prefetch=False),
+    # block_h: the query-head rows padded up to at least this (the MMA pads to 16 itself;
+    # 8 instead of 16 halves the per-score softmax work, tools/sass: -12% loop instructions)
+    (128, 128): dict(block_n=128, num_warps=4, num_stages=3, waves=8, prefetch=False, block_h=8),
     (256, 256): dict(block_n=32, num_warps=4, num_stages=3, waves=8, prefetch=False),
 }
 FALLBACK_CONFIG = dict(block_n=32, num_warps=4, num_stages=2, waves=8, prefetch=False)
@@ -222,14 +224,15 @@ def _codes_hi(c, USE_ASM: tl.constexpr):
 
 @triton.jit
 def _block_slots(indices_ptr, req_base, n0, offs_n, end, PAGE: tl.constexpr):
-    """Slots of tokens n0 + offs_n; tokens past `end` read slot 0 (always a valid row),
-    so the data gathers need no mask."""
+    """Slots of tokens n0 + offs_n; tokens past `end` read slot 0 (page 0: always valid
+    rows), so the data gathers need no mask."""
     t = n0 + offs_n
     nmask = t < end
     if PAGE == 1:
         return tl.load(indices_ptr + req_base + t, mask=nmask, other=0).to(tl.int64)
-    page = tl.load(indices_ptr + req_base + t // PAGE, mask=nmask, other=0).to(tl.int64)
-    return tl.where(nmask, page * PAGE + t % PAGE, 0)
+    # int32 slot arithmetic (slots < 2^31), widened once for the byte offsets
+    page = tl.load(indices_ptr + req_base + t // PAGE, mask=nmask, other=0)
+    return (page * PAGE + (t % PAGE)).to(tl.int64)
 
 
 @triton.jit
@@ -266,8 +269,10 @@ def _load_rows(d_head, s_head, slot, stride_d_t, stride_s_t,
     """Packed codes of one tensor (K or V) for a block of slots, and its fp32 scale/min."""
     if NG == 1:
         c = tl.load(d_head + slot[:, None] * stride_d_t + tl.arange(0, HALF)[None, :])
-        sc = tl.load(s_head + slot * stride_s_t).to(tl.float32)
-        mn = tl.load(s_head + slot * stride_s_t + 1).to(tl.float32)
+        # (scale, min) as one 4-byte load per token
+        sc, mn = tl.split(tl.load(s_head + slot[:, None] * stride_s_t + tl.arange(0, 2)[None, :]))
+        sc = sc.to(tl.float32)
+        mn = mn.to(tl.float32)
     else:
         offs_g = tl.arange(0, NG)
         byte3 = offs_g[None, :, None] * GH + tl.arange(0, GH)[None, None, :]
@@ -315,7 +320,13 @@ def _decode_split_kernel(
     c_lo = (offs_j // GH) * GS + offs_j % GH  # channel of the low nibble of byte j
     c_hi = c_lo + GH
 
-    # ---- prologue: q (rotated into the K basis when K is rotated), fp16 lo/hi halves
+    # ---- prologue: q (rotated into the K basis when K is rotated), fp16 lo/hi halves,
+    # pre-multiplied by the softmax scale (and log2 e for exp2): the scores come out of
+    # the dots ready for the softmax, no per-score multiply in the loop
+    if CAP:
+        qk_scale = sm_scale
+    else:
+        qk_scale = sm_scale * 1.4426950408889634
     q_row = q_ptr + b * stride_qb + qh * stride_qh
     if ROT_K:
         qr_lo = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
@@ -325,19 +336,17 @@ def _decode_split_kernel(
             qb = tl.load(q_row[:, None] + rows[None, :], mask=hmask[:, None], other=0.0).to(tl.float16)
             qr_lo = tl.dot(qb, _hadamard_signs(rows, c_lo, BS, LOG_BS), qr_lo)
             qr_hi = tl.dot(qb, _hadamard_signs(rows, c_hi, BS, LOG_BS), qr_hi)
-        q_lo = (qr_lo * inv_sqrt_bs).to(tl.float16)
-        q_hi = (qr_hi * inv_sqrt_bs).to(tl.float16)
+        q_lo = (qr_lo * (inv_sqrt_bs * qk_scale)).to(tl.float16)
+        q_hi = (qr_hi * (inv_sqrt_bs * qk_scale)).to(tl.float16)
     else:
-        q_lo = tl.load(q_row[:, None] + c_lo[None, :], mask=hmask[:, None], other=0.0).to(tl.float16)
-        q_hi = tl.load(q_row[:, None] + c_hi[None, :], mask=hmask[:, None], other=0.0).to(tl.float16)
+        q_lo = tl.load(q_row[:, None] + c_lo[None, :], mask=hmask[:, None], other=0.0)
+        q_hi = tl.load(q_row[:, None] + c_hi[None, :], mask=hmask[:, None], other=0.0)
+        q_lo = (q_lo.to(tl.float32) * qk_scale).to(tl.float16)
+        q_hi = (q_hi.to(tl.float32) * qk_scale).to(tl.float16)
     sum_q = tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi.to(tl.float32), 1)
     # whole-head groups: the high plane arrives as 16 n and both planes carry +1024
     q_hi16 = q_hi * 0.0625  # exact (power of two)
     q_bias = 1024.0 * (tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi16.to(tl.float32), 1))
-    if CAP:
-        qk_scale = sm_scale
-    else:
-        qk_scale = sm_scale * 1.4426950408889634
 
     req_base = tl.load(indptr_ptr + b).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
@@ -383,7 +392,6 @@ def _decode_split_kernel(
             k_hi = tl.reshape(((_codes_hi(kc, USE_ASM)) * k_s + k_m).to(tl.float16), [BLOCK_N, HALF])
             s = tl.dot(q_lo, tl.trans(k_lo))
             s = tl.dot(q_hi, tl.trans(k_hi), s)
-        s = s * qk_scale
         if CAP:
             # cap * tanh(s / cap), then log2 e for exp2
             e = tl.exp2((-2.0 * 1.4426950408889634 / logit_cap) * s)
@@ -518,7 +526,7 @@ def decode_attention(
     out=None, workspace: DecodeWorkspace | None = None, num_splits: int | None = None, *,
     max_kv_len: int | None = None, block_n: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, waves: int | None = None,
-    prefetch: bool | None = None, asm: bool | None = None,
+    prefetch: bool | None = None, asm: bool | None = None, block_h: int | None = None,
 ):
     """INT4 paged decode attention. q [B, Hq, D] (original basis) -> out [B, Hq, D] q.dtype.
 
@@ -540,7 +548,7 @@ def decode_attention(
     if bsz == 0:
         return out
     gqa = hq // hkv
-    block_h = max(16, triton.next_power_of_2(gqa))
+    block_h = max(block_h or cfg.get("block_h", 16), triton.next_power_of_2(gqa))
     bs = fmt.block_size
     ch = min(d, 64)
     direct = num_splits == 1

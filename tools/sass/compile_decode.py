@@ -20,9 +20,12 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--asm", type=int, default=1)
 ap.add_argument("--block-n", type=int, default=128)
 ap.add_argument("--warps", type=int, default=4)
-ap.add_argument("--stages", type=int, default=2)
+ap.add_argument("--stages", type=int, default=3)
 ap.add_argument("--dump", action="store_true")
-ap.add_argument("--prefetch", type=int, default=1)
+ap.add_argument("--prefetch", type=int, default=0)
+ap.add_argument("--block-h", type=int, default=16)
+ap.add_argument("--page", type=int, default=1)
+ap.add_argument("--group", type=int, default=128)
 a = ap.parse_args()
 
 fn = dec._decode_split_kernel
@@ -31,7 +34,7 @@ ptrs = {"q_ptr": "*bf16", "kd_ptr": "*u8", "ks_ptr": "*fp16", "vd_ptr": "*u8", "
         "indptr_ptr": "*i32", "indices_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*bf16",
         "mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32"}
 floats = {"sm_scale", "logit_cap", "inv_sqrt_bs"}
-const = dict(GQA=4, BLOCK_H=16, D=128, GS=128, NG=1, BS=128, LOG_BS=7, CH=64, PAGE=1,
+const = dict(GQA=4, BLOCK_H=a.block_h, D=128, GS=a.group, NG=128 // a.group, BS=128, LOG_BS=7, CH=64, PAGE=a.page,
              BLOCK_N=a.block_n, ROT_K=True, ROT_V=False, CAP=False, DIRECT=False, USE_ASM=bool(a.asm),
              PREFETCH=bool(a.prefetch))
 sig, attrs = {}, {}
