@@ -111,3 +111,12 @@ def test_without_prefetch(page):
     """The single-buffered loop (prefetch=False, fewer registers) computes the same."""
     case = make_case([70, 0, 33], 8, 2, 128, page=page, seed=11 + page)
     check(case, prefetch=False)
+
+
+@pytest.mark.parametrize("block_h, page, rotation, cap", [
+    (4, 1, "hadamard", 0.0), (8, 16, "none", 0.0), (16, 1, "hadamard", 20.0), (8, 1, "none", 5.0)])
+def test_query_row_padding_and_prescaled_q(block_h, page, rotation, cap):
+    """Query rows padded to 4/8/16 (the block_h knob), q pre-multiplied by the softmax
+    scale on both q paths (rotated and plain) and with the soft-cap: same results."""
+    case = make_case([37, 20], 8, 2, 128, page=page, rotation=rotation, seed=block_h + page)
+    check(case, sm_scale=0.2 if cap else None, logit_cap=cap, splits=(1, 2), block_h=block_h)

@@ -58,6 +58,9 @@ def test_logit_cap_and_tuning_knobs():
     run_check(case, logit_cap=30.0)
     for bn, nw, ns in [(32, 4, 2), (128, 8, 4), (64, 8, 3)]:
         run_check(case, splits=(4,), block_n=bn, num_warps=nw, num_stages=ns)
+    for bh in (4, 8, 16):  # query rows padded to 4 / 8 / 16
+        run_check(case, splits=(1, 4), block_h=bh)
+        run_check(case, splits=(4,), logit_cap=30.0, block_h=bh)
 
 
 def test_cuda_graph_capture_and_replay_with_changing_inputs():

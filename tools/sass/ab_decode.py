@@ -1,0 +1,50 @@
+"""A/B timing of decode_attention knobs on a CUDA GPU at the benchmark shape (32 q / 8 kv
+heads, D=128, K rotated, random slots): each variant against the first, same inputs.
+usage: python tools/sass/ab_decode.py [--batch 16 64] [--ctx 8192] [--page 1 16]
+       [--variants "block_h=16" "block_h=8" "block_h=4"]"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../tests"))
+from decode_cases import make_case  # noqa: E402
+from saw_sglang.kernels import reference as ref  # noqa: E402
+from saw_sglang.kernels.decode import decode_attention  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--batch", type=int, nargs="+", default=[16, 64])
+ap.add_argument("--ctx", type=int, default=8192)
+ap.add_argument("--page", type=int, nargs="+", default=[1, 16])
+ap.add_argument("--variants", nargs="+", default=["block_h=16", "block_h=8", "block_h=4"])
+ap.add_argument("--iters", type=int, default=50)
+a = ap.parse_args()
+
+
+def parse(v):
+    return {k: int(x) for k, x in (kv.split("=") for kv in v.split(","))} if v else {}
+
+
+def time_ms(fn):
+    for _ in range(5):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(a.iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / a.iters
+
+
+for page in a.page:
+    for b in a.batch:
+        case = make_case([a.ctx] * b, 32, 8, 128, page=page, dtype=torch.bfloat16, device="cuda", seed=b)
+        sm = ref.default_sm_scale(128)
+        nbytes = sum(case[k].numel() * case[k].element_size() for k in ("k_data", "k_scales", "v_data", "v_scales"))
+        row = []
+        for v in a.variants:
+            ms = time_ms(lambda: decode_attention(sm_scale=sm, **case, **parse(v)))
+            row.append(f"{v or 'default'} {ms:.4f} ms")
+        print(f"page {page} batch {b} ctx {a.ctx} (pool {nbytes / 2**20:.0f} MiB): " + " | ".join(row), flush=True)
