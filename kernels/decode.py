@@ -204,6 +204,25 @@ def _code_planes(c, SUB: tl.constexpr, USE_ASM: tl.constexpr):
     return lo, hi
 
 
+# INT8 q.k (qk_int8): the two nibble planes as int8 codes 0..15 for the integer tensor
+# cores: the low plane is one AND per 4 codes, the high plane a shift and an AND.
+_ASM_I8 = tl.constexpr("""{
+.reg .b32 t;
+and.b32 $0, $2, 0x0F0F0F0F;
+shr.b32 t, $2, 4;
+and.b32 $1, t, 0x0F0F0F0F;
+}""")
+
+
+@triton.jit
+def _code_planes_i8(c, USE_ASM: tl.constexpr):
+    """bytes -> (low plane, high plane) as int8 codes 0..15."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(_ASM_I8, "=r,=r,r", [c], dtype=(tl.int8, tl.int8),
+                                         is_pure=True, pack=4)
+    return (c & 15).to(tl.int8), (c >> 4).to(tl.int8)
+
+
 @triton.jit
 def _codes_lo(c, USE_ASM: tl.constexpr):
     """low nibble of each byte -> fp16 code 0..15"""
@@ -297,7 +316,7 @@ def _decode_split_kernel(
     NG: tl.constexpr, BS: tl.constexpr, LOG_BS: tl.constexpr, CH: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     ROT_K: tl.constexpr, ROT_V: tl.constexpr, CAP: tl.constexpr, DIRECT: tl.constexpr,
-    USE_ASM: tl.constexpr, PREFETCH: tl.constexpr,
+    USE_ASM: tl.constexpr, PREFETCH: tl.constexpr, QK_INT8: tl.constexpr,
 ):
     h = tl.program_id(0)
     sp = tl.program_id(1)
@@ -336,17 +355,29 @@ def _decode_split_kernel(
             qb = tl.load(q_row[:, None] + rows[None, :], mask=hmask[:, None], other=0.0).to(tl.float16)
             qr_lo = tl.dot(qb, _hadamard_signs(rows, c_lo, BS, LOG_BS), qr_lo)
             qr_hi = tl.dot(qb, _hadamard_signs(rows, c_hi, BS, LOG_BS), qr_hi)
-        q_lo = (qr_lo * (inv_sqrt_bs * qk_scale)).to(tl.float16)
-        q_hi = (qr_hi * (inv_sqrt_bs * qk_scale)).to(tl.float16)
+        qf_lo = qr_lo * (inv_sqrt_bs * qk_scale)
+        qf_hi = qr_hi * (inv_sqrt_bs * qk_scale)
     else:
-        q_lo = tl.load(q_row[:, None] + c_lo[None, :], mask=hmask[:, None], other=0.0)
-        q_hi = tl.load(q_row[:, None] + c_hi[None, :], mask=hmask[:, None], other=0.0)
-        q_lo = (q_lo.to(tl.float32) * qk_scale).to(tl.float16)
-        q_hi = (q_hi.to(tl.float32) * qk_scale).to(tl.float16)
-    sum_q = tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi.to(tl.float32), 1)
-    # whole-head groups: the high plane arrives as 16 n and both planes carry +1024
-    q_hi16 = q_hi * 0.0625  # exact (power of two)
-    q_bias = 1024.0 * (tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi16.to(tl.float32), 1))
+        qf_lo = tl.load(q_row[:, None] + c_lo[None, :], mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
+        qf_hi = tl.load(q_row[:, None] + c_hi[None, :], mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
+    if QK_INT8:
+        # q (rotated, pre-scaled) -> int8 per row, symmetric: step = amax|q| / 127 over the
+        # whole head. The scores are exactly those of the rounded query q^ = step q8:
+        #   q^.k = step (s_k (q8 . n) + m_k sum(q8)),
+        # sum from the rounded q8 (not the fp32 q): the rounding error is then (q^ - q).k,
+        # centred like k, instead of picking up an extra m_k sum(q^ - q) term.
+        amax = tl.maximum(tl.max(tl.abs(qf_lo), 1), tl.max(tl.abs(qf_hi), 1))
+        step_q = tl.where(amax > 0, amax / 127.0, 1.0)
+        q8_lo = tl.minimum(tl.maximum(tl.floor(qf_lo / step_q[:, None] + 0.5), -127.0), 127.0).to(tl.int8)
+        q8_hi = tl.minimum(tl.maximum(tl.floor(qf_hi / step_q[:, None] + 0.5), -127.0), 127.0).to(tl.int8)
+        sum_q8 = (tl.sum(q8_lo.to(tl.int32), 1) + tl.sum(q8_hi.to(tl.int32), 1)).to(tl.float32)
+    else:
+        q_lo = qf_lo.to(tl.float16)
+        q_hi = qf_hi.to(tl.float16)
+        sum_q = tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi.to(tl.float32), 1)
+        # whole-head groups: the high plane arrives as 16 n and both planes carry +1024
+        q_hi16 = q_hi * 0.0625  # exact (power of two)
+        q_bias = 1024.0 * (tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi16.to(tl.float32), 1))
 
     req_base = tl.load(indptr_ptr + b).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
@@ -382,7 +413,12 @@ def _decode_split_kernel(
             kc, k_s, k_m = _load_rows(kd_head, ks_head, slot, stride_kd_t, stride_ks_t, HALF, NG, GH)
 
         # codes are exact small integers in fp16: (1024 + n) - 1024 (no int->float cvt)
-        if NG == 1:
+        if QK_INT8:
+            k_lo, k_hi = _code_planes_i8(kc, USE_ASM)  # int8 n
+            qk = tl.dot(q8_lo, tl.trans(k_lo), out_dtype=tl.int32)  # exact
+            qk = tl.dot(q8_hi, tl.trans(k_hi), qk, out_dtype=tl.int32)
+            s = step_q[:, None] * (qk.to(tl.float32) * k_s[None, :] + sum_q8[:, None] * k_m[None, :])
+        elif NG == 1:
             k_lo, k_hi = _code_planes(kc, False, USE_ASM)  # 1024 + n, 1024 + 16 n
             qk = tl.dot(q_lo, tl.trans(k_lo))
             qk = tl.dot(q_hi16, tl.trans(k_hi), qk)
@@ -527,13 +563,20 @@ def decode_attention(
     max_kv_len: int | None = None, block_n: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, waves: int | None = None,
     prefetch: bool | None = None, asm: bool | None = None, block_h: int | None = None,
+    qk_int8: bool = False,
 ):
     """INT4 paged decode attention. q [B, Hq, D] (original basis) -> out [B, Hq, D] q.dtype.
 
     kv_indices hold token slots (page_size 1) or page ids; kv_lens [B] int32 token counts.
     Graph-capturable when `workspace` and `num_splits` are given (nothing is allocated
-    and nothing is read back). Tuning knobs default to DEFAULT_CONFIGS[(D, group)]."""
+    and nothing is read back). Tuning knobs default to DEFAULT_CONFIGS[(D, group)].
+
+    qk_int8=True (whole-head groups only) rounds the rotated query to int8 per row
+    (step = amax / 127) and computes q.k on the integer tensor cores: matches
+    reference.decode_attention_ref(..., q_int8=True)."""
     bsz, hq, hkv, d = _check(q, k_data, k_scales, v_data, v_scales, fmt)
+    if qk_int8 and fmt.num_groups != 1:
+        raise ValueError(f"qk_int8 needs one group per head (group_size {fmt.group_size} != head_dim {d})")
     cfg = get_config(d, fmt.group_size)
     block_n = block_n or cfg["block_n"]
     num_warps = num_warps or cfg["num_warps"]
@@ -578,7 +621,8 @@ def decode_attention(
         *smo, *sml, num_splits,
         NG=fmt.num_groups, PAGE=int(page_size), ROT_K=fmt.k_rotated, ROT_V=fmt.v_rotated,
         CAP=logit_cap > 0, DIRECT=direct, USE_ASM=_use_asm(q) if asm is None else asm,
-        PREFETCH=cfg.get("prefetch", True) if prefetch is None else prefetch, num_warps=num_warps, num_stages=num_stages, **common,
+        PREFETCH=cfg.get("prefetch", True) if prefetch is None else prefetch, QK_INT8=bool(qk_int8),
+        num_warps=num_warps, num_stages=num_stages, **common,
     )
     if not direct:
         _decode_reduce_kernel[(hkv, bsz)](

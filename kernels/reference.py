@@ -101,12 +101,24 @@ def _attend(q, k, v, sm_scale, logit_cap, mask=None):
     return o, lse.transpose(0, 1)
 
 
+def round_query_int8(q: torch.Tensor, fmt: Int4KVFormat) -> torch.Tensor:
+    """q [..., D] -> the query an INT8 q.k kernel uses (fp32, original basis): rounded in
+    K's basis, per row, symmetric: step = amax|q| / 127, codes floor(q / step + 0.5)."""
+    x = rotate(q, fmt.block_size) if fmt.k_rotated else q.float()
+    amax = x.abs().amax(-1, keepdim=True)
+    step = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    x = torch.floor(x / step + 0.5).clamp(-127, 127) * step
+    return rotate(x, fmt.block_size) if fmt.k_rotated else x
+
+
 def decode_attention_ref(
     q, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv_lens,
     fmt: Int4KVFormat, sm_scale: float, page_size: int = 1, logit_cap: float = 0.0,
+    q_int8: bool = False,
 ):
     """q [B, Hq, D] (original basis) -> o [B, Hq, D] in q.dtype.
-    A request with no tokens gets a zero output."""
+    A request with no tokens gets a zero output. q_int8: q rounded by round_query_int8
+    first (the arithmetic of decode_attention(..., qk_int8=True))."""
     out = torch.zeros_like(q, dtype=torch.float32)
     for b in range(q.shape[0]):
         slots = token_slots(kv_indptr, kv_indices, kv_lens, b, page_size)
@@ -114,7 +126,8 @@ def decode_attention_ref(
             continue
         k = dequantize_values(k_data[slots], k_scales[slots], fmt, fmt.k_rotated)
         v = dequantize_values(v_data[slots], v_scales[slots], fmt, fmt.v_rotated)
-        o, _ = _attend(q[b : b + 1], k, v, sm_scale, logit_cap)
+        qb = round_query_int8(q[b : b + 1], fmt) if q_int8 else q[b : b + 1]
+        o, _ = _attend(qb, k, v, sm_scale, logit_cap)
         out[b] = o[0]
     return out.to(q.dtype)
 

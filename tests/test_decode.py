@@ -120,3 +120,72 @@ def test_query_row_padding_and_prescaled_q(block_h, page, rotation, cap):
     scale on both q paths (rotated and plain) and with the soft-cap: same results."""
     case = make_case([37, 20], 8, 2, 128, page=page, rotation=rotation, seed=block_h + page)
     check(case, sm_scale=0.2 if cap else None, logit_cap=cap, splits=(1, 2), block_h=block_h)
+
+
+# ---- INT8 q.k variant (qk_int8=True) --------------------------------------------------
+# Against the reference with the same query rounding (reference.round_query_int8) the
+# kernel differs only by fp16 p / p*scale_v operands and fp32 sums, as the fp16 path: the
+# same MAX_ABS / MAX_REL hold. Against the exact reference the rounded query adds a
+# score error (q^ - q).k with |q^ - q| <= amax|q| / 254 per channel: measured ~1% relative
+# output error at these shapes, so the bound below is 3% (a wrong nibble plane, scale or
+# step gives 30%+).
+Q8_EXACT_REL, Q8_EXACT_ABS = 3e-2, 1.5e-1
+
+
+@pytest.mark.parametrize("hq, hkv, d, page, rotation", [
+    (4, 4, 64, 1, "hadamard"), (8, 2, 64, 16, "none"), (8, 1, 64, 1, "none"),
+    (4, 4, 128, 16, "none"), (8, 2, 128, 1, "hadamard"), (8, 1, 128, 16, "hadamard")])
+def test_qk_int8_matches_rounded_query_reference(hq, hkv, d, page, rotation):
+    case = make_case([45, 0, 19], hq, hkv, d, page=page, rotation=rotation, seed=hq * d + page)
+    sm = ref.default_sm_scale(d)
+    expect = ref.decode_attention_ref(sm_scale=sm, q_int8=True, **case)
+    exact = ref.decode_attention_ref(sm_scale=sm, **case)
+    for s in (1, 3):
+        out = decode_attention(sm_scale=sm, num_splits=s, block_n=16, qk_int8=True, **case)
+        mx, rel = errors(out, expect)
+        assert mx <= MAX_ABS and rel <= MAX_REL, (s, mx, rel)
+        mx, rel = errors(out, exact)
+        assert mx <= Q8_EXACT_ABS and rel <= Q8_EXACT_REL, (s, mx, rel)
+        assert out[1].abs().max().item() == 0.0  # kv_len 0 -> output 0
+
+
+def test_qk_int8_rounding_is_what_the_kernel_does():
+    """The rounded-query reference is distinguishable from the exact one (so the test
+    above checks the rounding, not only the attention), and the kernel sides with it."""
+    case = make_case([64], 4, 1, 128, seed=21)
+    sm = ref.default_sm_scale(128)
+    out = decode_attention(sm_scale=sm, num_splits=1, block_n=32, qk_int8=True, **case)
+    expect = ref.decode_attention_ref(sm_scale=sm, q_int8=True, **case)
+    exact = ref.decode_attention_ref(sm_scale=sm, **case)
+    assert errors(expect, exact)[1] > 10 * errors(out, expect)[1]
+
+
+def test_qk_int8_with_logit_cap_and_block_h():
+    case = make_case([37, 20], 8, 2, 128, seed=23)
+    expect = ref.decode_attention_ref(sm_scale=0.2, logit_cap=10.0, q_int8=True, **case)
+    out = decode_attention(sm_scale=0.2, logit_cap=10.0, num_splits=2, block_n=16, qk_int8=True,
+                           block_h=16, **case)
+    mx, rel = errors(out, expect)
+    assert mx <= MAX_ABS and rel <= MAX_REL, (mx, rel)
+
+
+def test_qk_int8_refuses_small_groups():
+    case = make_case([8], 4, 1, 64, group=32, seed=2)
+    with pytest.raises(ValueError, match="qk_int8"):
+        decode_attention(**case, sm_scale=0.1, qk_int8=True)
+
+
+def test_round_query_int8_reference():
+    """Codes in [-127, 127], the largest |entry| of each row maps to 127, zero rows stay 0."""
+    fmt = make_case([4], 2, 1, 64, seed=3)["fmt"]
+    q = torch.randn(3, 2, 64, generator=torch.Generator().manual_seed(4))
+    q[1, 0] = 0.0
+    qr = ref.round_query_int8(q, fmt)
+    x, xr = ref.rotate(q, 64), ref.rotate(qr, 64)  # K's (rotated) basis
+    step = x.abs().amax(-1, keepdim=True) / 127
+    codes = xr / torch.where(step > 0, step, torch.ones_like(step))
+    assert (codes - codes.round()).abs().max() < 1e-3
+    assert codes.abs().max() <= 127 + 1e-3
+    assert torch.allclose(codes.abs().amax(-1)[step[..., 0] > 0], torch.tensor(127.0))
+    assert (xr - x).abs().max() <= step.max() / 2 + 1e-6
+    assert qr[1, 0].abs().max() == 0
