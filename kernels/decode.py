@@ -242,15 +242,19 @@ def _codes_hi(c, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _block_slots(indices_ptr, req_base, n0, offs_n, end, PAGE: tl.constexpr):
+def _block_slots(indices_ptr, req_base, n0, offs_n, end, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Slots of tokens n0 + offs_n; tokens past `end` read slot 0 (page 0: always valid
     rows), so the data gathers need no mask."""
-    t = n0 + offs_n
-    nmask = t < end
+    nmask = offs_n < (end - n0)  # scalar bound and base: per-token int32 work only
+    base = indices_ptr + req_base
     if PAGE == 1:
-        return tl.load(indices_ptr + req_base + t, mask=nmask, other=0).to(tl.int64)
+        return tl.load(base + n0 + offs_n, mask=nmask, other=0).to(tl.int64)
     # int32 slot arithmetic (slots < 2^31), widened once for the byte offsets
-    page = tl.load(indices_ptr + req_base + t // PAGE, mask=nmask, other=0)
+    if BLOCK_N % PAGE == 0:  # n0 is a multiple of the page: split t = n0 + offs_n
+        page = tl.load(base + n0 // PAGE + offs_n // PAGE, mask=nmask, other=0)
+        return (page * PAGE + (offs_n % PAGE)).to(tl.int64)
+    t = n0 + offs_n
+    page = tl.load(base + t // PAGE, mask=nmask, other=0)
     return (page * PAGE + (t % PAGE)).to(tl.int64)
 
 
@@ -394,22 +398,22 @@ def _decode_split_kernel(
     # Software pipeline by hand: the slots of block i+1 and the K/V bytes of block i+1
     # are requested before block i is computed, so each program keeps two blocks of
     # gathers in flight instead of serialising index load -> K load -> V load.
-    slot = _block_slots(indices_ptr, req_base, start, offs_n, end, PAGE)
+    slot = _block_slots(indices_ptr, req_base, start, offs_n, end, PAGE, BLOCK_N)
     kc, k_s, k_m, vc, v_s, v_m = _load_block(kd_head, ks_head, vd_head, vs_head, slot,
                                              stride_kd_t, stride_ks_t, stride_vd_t, stride_vs_t,
                                              HALF, NG, GH)
-    slot = _block_slots(indices_ptr, req_base, start + BLOCK_N, offs_n, end, PAGE)
+    slot = _block_slots(indices_ptr, req_base, start + BLOCK_N, offs_n, end, PAGE, BLOCK_N)
     for n0 in range(start, end, BLOCK_N):
-        nmask = (n0 + offs_n) < end
+        nmask = offs_n < (end - n0)  # scalar bound: no per-token 64-bit compare
         if PREFETCH:
             kc_n, k_s_n, k_m_n, vc_n, v_s_n, v_m_n = _load_block(
                 kd_head, ks_head, vd_head, vs_head, slot,
                 stride_kd_t, stride_ks_t, stride_vd_t, stride_vs_t, HALF, NG, GH)
-            slot = _block_slots(indices_ptr, req_base, n0 + 2 * BLOCK_N, offs_n, end, PAGE)
+            slot = _block_slots(indices_ptr, req_base, n0 + 2 * BLOCK_N, offs_n, end, PAGE, BLOCK_N)
         else:
             # single-buffered: K now, V after the softmax (fewer live registers; the
             # compiler's own pipelining (num_stages) still prefetches both)
-            slot = _block_slots(indices_ptr, req_base, n0, offs_n, end, PAGE)
+            slot = _block_slots(indices_ptr, req_base, n0, offs_n, end, PAGE, BLOCK_N)
             kc, k_s, k_m = _load_rows(kd_head, ks_head, slot, stride_kd_t, stride_ks_t, HALF, NG, GH)
 
         # codes are exact small integers in fp16: (1024 + n) - 1024 (no int->float cvt)

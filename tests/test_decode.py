@@ -189,3 +189,10 @@ def test_round_query_int8_reference():
     assert torch.allclose(codes.abs().amax(-1)[step[..., 0] > 0], torch.tensor(127.0))
     assert (xr - x).abs().max() <= step.max() / 2 + 1e-6
     assert qr[1, 0].abs().max() == 0
+
+
+@pytest.mark.parametrize("page, block_n", [(32, 16), (16, 32)])
+def test_pages_larger_and_smaller_than_the_block(page, block_n):
+    """Slot arithmetic: a block inside one page (page > block_n) and pages inside a
+    block (block_n a multiple of the page: page index split as n0 // P + offs // P)."""
+    check(make_case([70, 5], 4, 2, 64, page=page, seed=page + block_n), block_n=block_n, splits=(1, 2))

@@ -37,7 +37,7 @@ ptrs = {"q_ptr": "*bf16", "kd_ptr": "*u8", "ks_ptr": "*fp16", "vd_ptr": "*u8", "
 floats = {"sm_scale", "logit_cap", "inv_sqrt_bs"}
 const = dict(GQA=4, BLOCK_H=a.block_h, D=128, GS=a.group, NG=128 // a.group, BS=128, LOG_BS=7, CH=64, PAGE=a.page,
              BLOCK_N=a.block_n, ROT_K=True, ROT_V=False, CAP=False, DIRECT=False, USE_ASM=bool(a.asm),
-             PREFETCH=bool(a.prefetch), QK_INT8=bool(a.qk_int8))
+             PREFETCH=bool(a.prefetch), QK_INT8=a.qk_int8)
 sig, attrs = {}, {}
 for i, n in enumerate(names):
     if n in const:
