@@ -321,6 +321,7 @@ def _decode_split_kernel(
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     ROT_K: tl.constexpr, ROT_V: tl.constexpr, CAP: tl.constexpr, DIRECT: tl.constexpr,
     USE_ASM: tl.constexpr, PREFETCH: tl.constexpr, QK_INT8: tl.constexpr,
+    PV_INT8: tl.constexpr,
 ):
     h = tl.program_id(0)
     sp = tl.program_id(1)
@@ -447,10 +448,21 @@ def _decode_split_kernel(
         if not PREFETCH:
             vc, v_s, v_m = _load_rows(vd_head, vs_head, slot, stride_vd_t, stride_vs_t, HALF, NG, GH)
         if NG == 1:
-            ps = (p * v_s[None, :]).to(tl.float16)
-            v_lo, v_hi = _code_planes(vc, True, USE_ASM)  # n, 16 n (exact)
-            acc_lo = tl.dot(ps, v_lo, acc_lo * alpha[:, None])
-            acc_hi = tl.dot(ps, v_hi, acc_hi * alpha[:, None])  # 16 x the high half
+            if PV_INT8:
+                # p * s_v as int8 on a per-block step (the block's largest V scale / 127),
+                # V codes as int8; exact int32 dot, scaled into the fp32 accumulator
+                pstep = tl.maximum(tl.max(v_s, 0), 1e-30) / 127.0
+                p8 = tl.floor(p * (v_s / pstep)[None, :] + 0.5).to(tl.int8)
+                v_lo8, v_hi8 = _code_planes_i8(vc, USE_ASM)
+                pv_lo = tl.dot(p8, v_lo8, out_dtype=tl.int32)
+                pv_hi = tl.dot(p8, v_hi8, out_dtype=tl.int32)
+                acc_lo = acc_lo * alpha[:, None] + pstep * pv_lo.to(tl.float32)
+                acc_hi = acc_hi * alpha[:, None] + (16.0 * pstep) * pv_hi.to(tl.float32)
+            else:
+                ps = (p * v_s[None, :]).to(tl.float16)
+                v_lo, v_hi = _code_planes(vc, True, USE_ASM)  # n, 16 n (exact)
+                acc_lo = tl.dot(ps, v_lo, acc_lo * alpha[:, None])
+                acc_hi = tl.dot(ps, v_hi, acc_hi * alpha[:, None])  # 16 x the high half
             rb = rb * alpha + tl.sum(p * v_m[None, :], 1)
         else:
             v_lo = tl.reshape(((_codes_lo(vc, USE_ASM)) * v_s + v_m).to(tl.float16), [BLOCK_N, HALF])
@@ -567,7 +579,7 @@ def decode_attention(
     max_kv_len: int | None = None, block_n: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, waves: int | None = None,
     prefetch: bool | None = None, asm: bool | None = None, block_h: int | None = None,
-    qk_int8: bool = False,
+    qk_int8: bool = False, pv_int8: bool = False,
 ):
     """INT4 paged decode attention. q [B, Hq, D] (original basis) -> out [B, Hq, D] q.dtype.
 
@@ -577,10 +589,12 @@ def decode_attention(
 
     qk_int8=True (whole-head groups only) rounds the rotated query to int8 per row
     (step = amax / 127) and computes q.k on the integer tensor cores: matches
-    reference.decode_attention_ref(..., q_int8=True)."""
+    reference.decode_attention_ref(..., q_int8=True). pv_int8=True (experimental, whole-
+    head groups) also runs P.V on the integer tensor cores: p * scale_v rounded to int8
+    per block (step = the block's largest V scale / 127)."""
     bsz, hq, hkv, d = _check(q, k_data, k_scales, v_data, v_scales, fmt)
-    if qk_int8 and fmt.num_groups != 1:
-        raise ValueError(f"qk_int8 needs one group per head (group_size {fmt.group_size} != head_dim {d})")
+    if (qk_int8 or pv_int8) and fmt.num_groups != 1:
+        raise ValueError(f"qk_int8 / pv_int8 need one group per head (group_size {fmt.group_size} != head_dim {d})")
     cfg = get_config(d, fmt.group_size)
     block_n = block_n or cfg["block_n"]
     num_warps = num_warps or cfg["num_warps"]
@@ -625,7 +639,7 @@ def decode_attention(
         *smo, *sml, num_splits,
         NG=fmt.num_groups, PAGE=int(page_size), ROT_K=fmt.k_rotated, ROT_V=fmt.v_rotated,
         CAP=logit_cap > 0, DIRECT=direct, USE_ASM=_use_asm(q) if asm is None else asm,
-        PREFETCH=cfg.get("prefetch", True) if prefetch is None else prefetch, QK_INT8=bool(qk_int8),
+        PREFETCH=cfg.get("prefetch", True) if prefetch is None else prefetch, QK_INT8=bool(qk_int8), PV_INT8=bool(pv_int8),
         num_warps=num_warps, num_stages=num_stages, **common,
     )
     if not direct:
