@@ -98,3 +98,22 @@ def test_cuda_graph_capture_and_replay_with_changing_inputs():
         expect = ref.decode_attention_ref(**{**static, "sm_scale": sm})
         mx, rel = errors(out, expect)
         assert mx <= 2 * MAX_ABS and rel <= 2 * MAX_REL, (step, mx, rel)
+
+
+@pytest.mark.parametrize("page", [1, 16])
+@pytest.mark.parametrize("rot, hq, hkv", [("none", 32, 8), ("k", 32, 8), ("kv", 32, 32), ("k", 32, 4)])
+def test_qk_int8_real_sizes(page, rot, hq, hkv):
+    """qk_int8=True on the GPU (inline-PTX int8 unpack, IMMA) against the reference with
+    the same query rounding (same tolerances as the fp16 path), and within the CPU
+    test's bound (3% relative) of the exact reference."""
+    case = make_case(ragged(16, 4096, 7 + page), hq, hkv, 128, page=page,
+                     rotation="none" if rot == "none" else "hadamard", rotate_v=rot == "kv",
+                     dtype=torch.bfloat16, device="cuda", seed=page)
+    sm = ref.default_sm_scale(128)
+    expect = ref.decode_attention_ref(sm_scale=sm, q_int8=True, **case)
+    exact = ref.decode_attention_ref(sm_scale=sm, **case)
+    for s in (None, 1, 7):
+        out = decode_attention(sm_scale=sm, num_splits=s, qk_int8=True, **case)
+        mx, rel = errors(out, expect)
+        assert mx <= 2 * MAX_ABS and rel <= 2 * MAX_REL, (s, mx, rel)
+        assert errors(out, exact)[1] <= 3e-2, s
