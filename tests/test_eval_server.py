@@ -109,3 +109,25 @@ def test_cli_scores_servers_concurrently_against_the_bf16_one(url, tmp_path):
     assert [r["label"] for r in rows] == ["bf16", "int4"]
     assert all(r["tokens"] == 60 and r["top1_agree"] == 1 for r in rows)
     assert rows[1]["dppl"] == 0  # same answers as the reference
+
+
+def test_simulation_kept_when_the_server_phase_fails(tmp_path):
+    import json
+
+    import requests
+    import torch
+
+    from saw_sglang.bench.server import free_port
+    from saw_sglang.eval.__main__ import main
+    from test_eval_cli import _tiny_model_dir
+
+    words = _tiny_model_dir(tmp_path / "m")
+    g = torch.Generator().manual_seed(3)
+    (tmp_path / "t.txt").write_text(" ".join(words[i] for i in torch.randint(0, len(words), (200,), generator=g).tolist()))
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(requests.ConnectionError):
+        main(["--model", str(tmp_path / "m"), "--text", str(tmp_path / "t.txt"), "--tokens", "40",
+              "--ctx", "20", "--modes", "bf16,int4", "--server", f"int4={dead}", "--out", str(tmp_path / "o")])
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["meta"]["partial"] and [r["spec"] for r in res["results"]] == ["bf16", "int4"]
+    assert res["results"][0]["dppl"] == 0

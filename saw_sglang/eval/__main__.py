@@ -83,6 +83,14 @@ def summary(rows: list[dict]) -> list[str]:
     return out
 
 
+def _add_dppl(rows) -> None:
+    """Perplexity minus the same engine's bf16 row (None without one)."""
+    base = {r["engine"].split()[0]: r["ppl"] for r in rows if r["spec"].startswith("bf16")}
+    for r in rows:
+        b = base.get(r["engine"].split()[0])
+        r["dppl"] = r["ppl"] - b if b is not None else None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
@@ -109,8 +117,17 @@ def main(argv=None) -> int:
         with tqdm(total=len(wins) * len(modes), desc="simulated KV modes", unit="pass") as bar:
             tallies = simulate(model, wins, modes, args.device, bar)
         rows = [_mode_row(m, nl, kvh, hd, tallies[m.spec].metrics()) for m in modes]
+    meta = {"model": args.model, "layers": nl, "kv_heads": kvh, "head_dim": hd, "text": source,
+            "windows": len(wins), "ctx": args.ctx, "scored_tokens": sum(len(w) - 1 for w in wins),
+            "device": args.device, "dtype": args.dtype,
+            "simulation": "every K (after RoPE) and V of every position round-tripped through the mode, "
+                          "the current token's own included (decode-like)"}
     if args.server:
         from . import server
+
+        if rows:  # keep the simulation if the server phase fails or is cut short
+            _add_dppl(rows)
+            report.write_json(out / "results.json", {**meta, "partial": "servers not scored yet"}, rows)
 
         servers = [s.partition("=")[::2] if "=" in s else (f"server{i}", s) for i, s in enumerate(args.server)]
         servers.sort(key=lambda s: not s[0].startswith("bf16"))  # the reference first
@@ -131,16 +148,8 @@ def main(argv=None) -> int:
             rows.append({"engine": f"server {label}", "spec": label, "label": label, "kind": "server",
                          "bytes_per_token": None, "compression": None, "url": url,
                          "server_step": args.server_step or args.ctx, **tally.metrics()})
-    base = {r["engine"].split()[0]: r["ppl"] for r in rows if r["spec"].startswith("bf16")}
-    for r in rows:
-        b = base.get(r["engine"].split()[0])
-        r["dppl"] = r["ppl"] - b if b is not None else None
-
-    meta = {"model": args.model, "layers": nl, "kv_heads": kvh, "head_dim": hd, "text": source,
-            "windows": len(wins), "ctx": args.ctx, "scored_tokens": sum(len(w) - 1 for w in wins),
-            "device": args.device, "dtype": args.dtype, "seconds": round(time.time() - t0, 1),
-            "simulation": "every K (after RoPE) and V of every position round-tripped through the mode, "
-                          "the current token's own included (decode-like)"}
+    _add_dppl(rows)
+    meta["seconds"] = round(time.time() - t0, 1)
     table = report.markdown(rows)
     notes = summary(rows)
     print(f"\n## KV-cache accuracy: {args.model} (head_dim {hd}), {meta['scored_tokens']} tokens, "
