@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=3072, help="scored tokens in all (default 3072)")
     p.add_argument("--ctx", type=int, default=256, help="tokens per teacher-forced window (default 256)")
     p.add_argument("--modes", help="comma-separated mode specs, e.g. bf16,fp8_e4m3,int4:rot=none,int4,"
-                   "int4:b=16,int4:v,int4:g=32,int4:keep=0.1 (default: a sweep for the model's head_dim)")
+                   "int4:b=16,int4:v,int4:g=32,int4:keep=0.1,int4:q8 (default: a sweep for the model's head_dim)")
     p.add_argument("--quick", action="store_true", help="only bf16, fp8_e4m3, naive int4, default int4")
     p.add_argument("--bf16-layers", default="", help="layers kept in BF16 by every quantized mode, e.g. 0,1")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -61,7 +61,7 @@ def _mode_row(m, nl, kvh, hd, metrics) -> dict:
         "block_size": f.block_size if f and f.rotation == "hadamard" else None,
         "group_size": f.group_size if f else None,
         "rotate_v": bool(f and f.v_rotated), "keep_layers": sorted(m.keep_layers),
-        **metrics,
+        "q_int8": m.q_int8, **metrics,
     }
 
 
@@ -73,7 +73,7 @@ def summary(rows: list[dict]) -> list[str]:
         if n > b:
             out.append(f"default int4 closes {100 * (n - d) / (n - b):.1f}% of naive int4's perplexity gap "
                        f"(BF16 {b:.4f}, naive {n:.4f}, default {d:.4f}) at {sim['int4']['compression']:.2f}x")
-    quant = [r for r in sim.values() if r["kind"] != "bf16"]
+    quant = [r for r in sim.values() if r["kind"] != "bf16" and not r.get("q_int8")]  # formats only
     for lvl in sorted(quant, key=lambda r: r["bytes_per_token"]):
         best = min((r for r in quant if r["bytes_per_token"] <= lvl["bytes_per_token"]), key=lambda r: r["kl"])
         line = (f"best KL at <= {lvl['bytes_per_token']} B/token ({lvl['compression']:.2f}x smaller than BF16): "
