@@ -153,3 +153,16 @@ def test_q8_rounds_queries_on_the_kernel_basis(spec):
     assert torch.equal(parse_mode("int4", 64).query(q, 0), q)
     with pytest.raises(ValueError):
         parse_mode("bf16:q8", 64)
+
+
+def test_clip_option_uses_the_reference_candidate():
+    from saw_sglang.kernels import reference as ref
+
+    m = parse_mode("int4:clip=mse", 64)
+    assert m.clip == "mse" and m.label.endswith("clip mse") and parse_mode("int4:clip=0.9", 64).clip == 0.9
+    k = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(4))
+    packed, scales = ref.quantize(k.bfloat16(), m.fmt, True, clip="mse")
+    want = ref.dequantize_values(packed, scales, m.fmt, True)
+    assert torch.equal(m.roundtrip(k, 0, is_key=True), want.to(k.dtype))
+    with pytest.raises(ValueError):
+        parse_mode("fp8_e4m3:clip=0.9", 64)
