@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .format import Int4KVFormat
+from .tiles import hadamard_signs, online_softmax_step, softcap_exp2
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -108,15 +109,9 @@ def plan_splits(batch, num_kv_heads, fmt: Int4KVFormat, device, max_kv_len=None)
 
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _hadamard_signs(rows, cols, BS: tl.constexpr, LOG_BS: tl.constexpr):
-    """+-1 (0 off the diagonal blocks) entries H_B[rows[:, None], cols[None, :]] * sqrt(B)."""
-    same = (rows[:, None] // BS) == (cols[None, :] // BS)
-    x = rows[:, None] & cols[None, :]
-    par = tl.zeros_like(x)
-    for k in tl.static_range(LOG_BS):
-        par = par ^ (x >> k)
-    par = par & 1
-    return tl.where(same, 1 - 2 * par, 0).to(tl.float16)
+def _split_len(kv_len, NUM_SPLITS, BLOCK_N: tl.constexpr):
+    """Tokens per split (a BLOCK_N multiple): the split and reduce kernels must agree."""
+    return tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
 
 
 @triton.jit
@@ -130,8 +125,8 @@ def _store_out(o_ptrs_base, o_lo, o_hi, hmask, c_lo, c_hi,
         for cb in tl.static_range(D // CH):
             cols = cb * CH + tl.arange(0, CH)
             # out[:, c] = sum_j o_lo[:, j] H[c_lo(j), c] + o_hi[:, j] H[c_hi(j), c]
-            s_lo = _hadamard_signs(c_lo, cols, BS, LOG_BS).to(tl.float32)
-            s_hi = _hadamard_signs(c_hi, cols, BS, LOG_BS).to(tl.float32)
+            s_lo = hadamard_signs(c_lo, cols, BS, LOG_BS).to(tl.float32)
+            s_hi = hadamard_signs(c_hi, cols, BS, LOG_BS).to(tl.float32)
             r = tl.dot(o_lo, s_lo, input_precision="tf32")
             r = tl.dot(o_hi, s_hi, r, input_precision="tf32")
             tl.store(o_ptrs_base[:, None] + cols[None, :], (r * inv_sqrt_bs).to(dt), mask=hmask[:, None])
@@ -301,7 +296,7 @@ def _decode_split_kernel(
     GH: tl.constexpr = GS // 2
 
     kv_len = tl.load(lens_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = _split_len(kv_len, NUM_SPLITS, BLOCK_N)
     start = sp * split_len
     end = tl.minimum(start + split_len, kv_len)
     if not DIRECT:
@@ -323,8 +318,8 @@ def _decode_split_kernel(
         for cb in tl.static_range(D // CH):
             rows = cb * CH + tl.arange(0, CH)
             qb = tl.load(q_row[:, None] + rows[None, :], mask=hmask[:, None], other=0.0).to(tl.float16)
-            qr_lo = tl.dot(qb, _hadamard_signs(rows, c_lo, BS, LOG_BS), qr_lo)
-            qr_hi = tl.dot(qb, _hadamard_signs(rows, c_hi, BS, LOG_BS), qr_hi)
+            qr_lo = tl.dot(qb, hadamard_signs(rows, c_lo, BS, LOG_BS), qr_lo)
+            qr_hi = tl.dot(qb, hadamard_signs(rows, c_hi, BS, LOG_BS), qr_hi)
         q_lo = (qr_lo * inv_sqrt_bs).to(tl.float16)
         q_hi = (qr_hi * inv_sqrt_bs).to(tl.float16)
     else:
@@ -385,16 +380,9 @@ def _decode_split_kernel(
             s = tl.dot(q_hi, tl.trans(k_hi), s)
         s = s * qk_scale
         if CAP:
-            # cap * tanh(s / cap), then log2 e for exp2
-            e = tl.exp2((-2.0 * 1.4426950408889634 / logit_cap) * s)
-            s = logit_cap * (2.0 / (1.0 + e) - 1.0) * 1.4426950408889634
+            s = softcap_exp2(s, logit_cap)
         s = tl.where(nmask[None, :], s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
 
         if not PREFETCH:
             vc, v_s, v_m = _load_rows(vd_head, vs_head, slot, stride_vd_t, stride_vs_t, HALF, NG, GH)
@@ -445,7 +433,7 @@ def _decode_reduce_kernel(
     HALF: tl.constexpr = D // 2
     GH: tl.constexpr = GS // 2
     kv_len = tl.load(lens_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = _split_len(kv_len, NUM_SPLITS, BLOCK_N)
     n_act = tl.cdiv(kv_len, tl.maximum(split_len, 1))
 
     offs_h = tl.arange(0, BLOCK_H)
