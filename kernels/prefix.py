@@ -233,6 +233,7 @@ def prefix_attention(
     fmt: Int4KVFormat, sm_scale: float, page_size: int = 1, logit_cap: float = 0.0,
     max_q_len: int | None = None, max_kv_len: int | None = None, num_splits: int | None = None,
     *, block_rows: int | None = None, block_n: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None,
 ):
     """Extend queries q [Nq, Hq, D] (original basis) over their cached INT4 prefixes.
 
@@ -244,6 +245,9 @@ def prefix_attention(
     max_kv_len: optional host-known longest prefix, only used to size the split count.
     num_splits: split each prefix into this many slices (None: enough programs to fill
     the GPU when there are few query blocks); slices are merged by log-sum-exp.
+
+    block_rows / block_n / num_warps / num_stages override the launch configuration
+    (tuning and fault isolation; the defaults come from `_launch_config`).
 
     Returns (o [Nq, Hq, D] in q.dtype, lse [Nq, Hq] fp32, natural log); a request with
     an empty prefix gets o = 0 and lse = -inf, so a log-sum-exp merge returns the other
@@ -277,6 +281,7 @@ def prefix_attention(
     rows, bn, warps, stages = _launch_config(d, gqa_pad, q.is_cuda)
     rows = max(block_rows or rows, gqa_pad, 16)
     bn = block_n or bn
+    warps, stages = num_warps or warps, num_stages or stages
     block_m = rows // gqa_pad
 
     rot_k, rot_v = fmt.k_rotated, fmt.v_rotated
