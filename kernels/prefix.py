@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .format import Int4KVFormat
+from .format import Int4KVFormat, block_hadamard
 from .tiles import hadamard_signs, online_softmax_step, softcap_exp2
 
 LOG2E = 1.4426950408889634
@@ -234,6 +234,7 @@ def prefix_attention(
     max_q_len: int | None = None, max_kv_len: int | None = None, num_splits: int | None = None,
     *, block_rows: int | None = None, block_n: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None,
+    host_rotation: bool | None = None,
 ):
     """Extend queries q [Nq, Hq, D] (original basis) over their cached INT4 prefixes.
 
@@ -248,6 +249,8 @@ def prefix_attention(
 
     block_rows / block_n / num_warps / num_stages override the launch configuration
     (tuning and fault isolation; the defaults come from `_launch_config`).
+    host_rotation: rotate q / o with torch around the kernel instead of inside it
+    (None: only at head_dim 64 on the GPU, see the comment in the body).
 
     Returns (o [Nq, Hq, D] in q.dtype, lse [Nq, Hq] fp32, natural log); a request with
     an empty prefix gets o = 0 and lse = -inf, so a log-sum-exp merge returns the other
@@ -286,6 +289,20 @@ def prefix_attention(
 
     rot_k, rot_v = fmt.k_rotated, fmt.v_rotated
     b = fmt.block_size
+    # On sm_90 (Triton 3.6) the in-register rotation at head_dim 64 gave wrong results
+    # or illegal addresses (docs/gpu-runs.md, run 7; head_dim 128/256 and no rotation
+    # were right): there torch rotates q before the kernel and o after it, in fp32.
+    h_host = None
+    if host_rotation is None:
+        host_rotation = q.is_cuda and d == 64
+    if host_rotation and (rot_k or rot_v):
+        h_host = block_hadamard(d, b, torch.float32, q.device)
+        if rot_k:
+            q = q.float() @ h_host
+        o_v = o
+        if rot_v:
+            o = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        rot_k = rot_v = False
     q_scale = sm_scale / math.sqrt(b) if rot_k else sm_scale
     use_cap = logit_cap > 0
     if not use_cap:
@@ -316,6 +333,9 @@ def prefix_attention(
     )
     if num_splits > 1:
         _merge_splits(o_buf, lse_buf, o, lse)
+    if h_host is not None and fmt.v_rotated:
+        o_v.copy_(o @ h_host)  # normalised H_B is symmetric and orthogonal: H^-1 = H
+        o = o_v
     return o, lse
 
 

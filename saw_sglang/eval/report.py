@@ -18,7 +18,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['label']} | {r['engine']} | {_f(r.get('bytes_per_token'), 'd')} | "
-            f"{_f(r.get('compression'), '.2f')}x | {r['ppl']:.4f} | {_f(r.get('dppl'), '+.4f')} | "
+            f"{_f(r.get('compression'), '.2f')}{'x' if r.get('compression') else ''} | {r['ppl']:.4f} | {_f(r.get('dppl'), '+.4f')} | "
             f"{_f(r['kl'], '.5f')} | {_f(r['top1_agree'], '.4f')} |"
         )
     return "\n".join(lines)

@@ -45,6 +45,10 @@ def score_window(url: str, w: list[int], step: int, top1: bool = True, timeout: 
         got = meta["input_token_logprobs"][1:]
         if len(got) != end - done:
             raise RuntimeError(f"server returned {len(got)} prompt logprobs, expected {end - done}")
+        missing = [done + i for i, x in enumerate(got) if x[0] is None]
+        if missing:  # JSON null: the server's logprob was NaN/inf (a broken KV mode)
+            raise RuntimeError(f"server returned no logprob (NaN?) at tokens {missing[:8]} "
+                               f"of a {len(w)}-token window")
         lps += [float(x[0]) for x in got]
         if top1:
             tops += [int(t[0][1]) if t else None for t in meta["input_top_logprobs"][1:]]
