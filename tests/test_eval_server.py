@@ -40,6 +40,18 @@ class FakeSGLang(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(out)
 
+    def do_GET(self):  # /get_server_info, shaped like ours (INT4) or stock (kv_cache_dtype)
+        assert self.path == "/get_server_info"
+        info = dict(FakeSGLang.server_info)
+        out = json.dumps(info).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    server_info: dict = {"kv_cache_dtype": "auto"}
+
     def log_message(self, *a):
         pass
 
@@ -78,6 +90,25 @@ def test_server_perplexity_from_logprobs(url, step):
     tally2, tops2 = server.score(url, wins, step, concurrency=2)
     assert tally2.metrics()["ppl"] == m["ppl"] and tally2.metrics()["tokens"] == m["tokens"] and tops2 == tops
     assert sorted(FakeSGLang.requests_seen) == sorted(expected)
+
+
+@pytest.mark.parametrize("info, want", [
+    ({"kv_cache_dtype": "auto"}, 1.0),
+    ({"kv_cache_dtype": "fp8_e4m3"}, 2.0),
+    ({"kv_cache_dtype": "int4", "saw_int4": {"bytes_per_token": 19584, "bf16_bytes_per_token": 73728}},
+     73728 / 19584),
+    ({"kv_cache_dtype": "int4", "internal_states": [{"saw_int4": {"bytes_per_token": 36,
+                                                                  "bf16_bytes_per_token": 128}}]}, 128 / 36),
+    ({"kv_cache_dtype": "something_new"}, None),
+])
+def test_kv_compression_from_server_info(url, info, want):
+    FakeSGLang.server_info = info
+    try:
+        got = server.kv_compression(url)
+    finally:
+        FakeSGLang.server_info = {"kv_cache_dtype": "auto"}
+    assert got == (pytest.approx(want) if want else None)
+    assert server.kv_compression("http://127.0.0.1:9") is None  # nothing listening: unknown
 
 
 def test_server_top1_agreement(url):

@@ -145,8 +145,10 @@ def main(argv=None) -> int:
                 tally.agree, tally.agree_n = tally.n, tally.n
             elif ref_tops is not None:
                 server.add_agreement(tally, tops, ref_tops)
+            comp = server.kv_compression(url)
             rows.append({"engine": f"server {label}", "spec": label, "label": label, "kind": "server",
-                         "bytes_per_token": None, "compression": None, "url": url,
+                         "bytes_per_token": round(2 * nl * kvh * hd * 2 / comp) if comp else None,
+                         "compression": comp, "url": url,
                          "server_step": args.server_step or args.ctx, **tally.metrics()})
     _add_dppl(rows)
     meta["seconds"] = round(time.time() - t0, 1)
