@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .format import Int4KVFormat
+from .tiles import online_softmax_step, softcap_exp2
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -111,7 +112,10 @@ def plan_splits(batch, num_kv_heads, fmt: Int4KVFormat, device, max_kv_len=None)
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _hadamard_signs(rows, cols, BS: tl.constexpr, LOG_BS: tl.constexpr):
-    """+-1 (0 off the diagonal blocks) entries H_B[rows[:, None], cols[None, :]] * sqrt(B)."""
+    """+-1 (0 off the diagonal blocks) entries H_B[rows[:, None], cols[None, :]] * sqrt(B).
+    The same signs as tiles.hadamard_signs, kept in this form because it is the one the
+    H200 runs measured: tiles' form compiles to a different prologue (sm_90, D=128:
+    2344 -> 2088 instructions; loop and registers unchanged). Switch after a GPU re-run."""
     same = (rows[:, None] // BS) == (cols[None, :] // BS)
     x = rows[:, None] & cols[None, :]
     par = tl.zeros_like(x)
@@ -119,6 +123,12 @@ def _hadamard_signs(rows, cols, BS: tl.constexpr, LOG_BS: tl.constexpr):
         par = par ^ (x >> k)
     par = par & 1
     return tl.where(same, 1 - 2 * par, 0).to(tl.float16)
+
+
+@triton.jit
+def _split_len(kv_len, NUM_SPLITS, BLOCK_N: tl.constexpr):
+    """Tokens per split (a BLOCK_N multiple): the split and reduce kernels must agree."""
+    return tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
 
 
 @triton.jit
@@ -330,7 +340,7 @@ def _decode_split_kernel(
     GH: tl.constexpr = GS // 2
 
     kv_len = tl.load(lens_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = _split_len(kv_len, NUM_SPLITS, BLOCK_N)
     start = sp * split_len
     end = tl.minimum(start + split_len, kv_len)
     if not DIRECT:
@@ -434,16 +444,9 @@ def _decode_split_kernel(
             s = tl.dot(q_lo, tl.trans(k_lo))
             s = tl.dot(q_hi, tl.trans(k_hi), s)
         if CAP:
-            # cap * tanh(s / cap), then log2 e for exp2
-            e = tl.exp2((-2.0 * 1.4426950408889634 / logit_cap) * s)
-            s = logit_cap * (2.0 / (1.0 + e) - 1.0) * 1.4426950408889634
+            s = softcap_exp2(s, logit_cap)
         s = tl.where(nmask[None, :], s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
 
         if not PREFETCH:
             vc, v_s, v_m = _load_rows(vd_head, vs_head, slot, stride_vd_t, stride_vs_t, HALF, NG, GH)
@@ -505,7 +508,7 @@ def _decode_reduce_kernel(
     HALF: tl.constexpr = D // 2
     GH: tl.constexpr = GS // 2
     kv_len = tl.load(lens_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = _split_len(kv_len, NUM_SPLITS, BLOCK_N)
     n_act = tl.cdiv(kv_len, tl.maximum(split_len, 1))
 
     offs_h = tl.arange(0, BLOCK_H)

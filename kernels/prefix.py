@@ -40,7 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .format import Int4KVFormat
+from .format import Int4KVFormat, block_hadamard
+from .tiles import hadamard_signs, online_softmax_step, softcap_exp2
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -55,20 +56,6 @@ def to_flashinfer_lse(lse: torch.Tensor) -> torch.Tensor:
 def from_flashinfer_lse(lse2: torch.Tensor) -> torch.Tensor:
     """FlashInfer's base-2 lse -> natural log."""
     return lse2 * LN2
-
-
-@triton.jit
-def _hadamard_tile(rows, cols, B: tl.constexpr, LOG2B: tl.constexpr):
-    """Unnormalised block-diagonal Sylvester Hadamard entries H[rows[:, None], cols[None, :]]
-    as fp16 +-1 / 0 (exact)."""
-    r = rows[:, None]
-    c = cols[None, :]
-    x = r & c & (B - 1)
-    par = tl.zeros_like(x)
-    for bit in tl.static_range(LOG2B):
-        par = par ^ ((x >> bit) & 1)
-    val = (1 - 2 * par).to(tl.float16)
-    return tl.where((r // B) == (c // B), val, 0.0).to(tl.float16)
 
 
 @triton.jit
@@ -133,8 +120,8 @@ def _prefix_attn_kernel(
             i = kc * KC + tl.arange(0, KC)
             qc = tl.load(q_row[:, None] + i[None, :], mask=row_ok[:, None], other=0.0)
             qc = qc.to(tl.float16)
-            q_lo += tl.dot(qc, _hadamard_tile(i, d_lo, B, LOG2B))
-            q_hi += tl.dot(qc, _hadamard_tile(i, d_hi, B, LOG2B))
+            q_lo += tl.dot(qc, hadamard_signs(i, d_lo, B, LOG2B))
+            q_hi += tl.dot(qc, hadamard_signs(i, d_hi, B, LOG2B))
     else:
         q_lo = tl.load(q_row[:, None] + d_lo[None, :], mask=row_ok[:, None], other=0.0)
         q_hi = tl.load(q_row[:, None] + d_hi[None, :], mask=row_ok[:, None], other=0.0)
@@ -176,17 +163,9 @@ def _prefix_attn_kernel(
             k_m = tl.load(sp + 1, mask=t_ok[None, :], other=0.0)
             s = tl.dot(q_lo, k_lo * k_s + k_m) + tl.dot(q_hi, k_hi * k_s + k_m)
         if USE_CAP:
-            # cap * tanh(s / cap), then into the exp2 domain
-            e = tl.exp(2.0 * s / logit_cap)
-            s = logit_cap * (1.0 - 2.0 / (e + 1.0)) * 1.4426950408889634
+            s = softcap_exp2(s, logit_cap)
         s = tl.where(t_ok[None, :], s, float("-inf"))
-
-        # ---- online softmax (base 2) ----
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        pr = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(pr, 1)
-        m_i = m_new
+        pr, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)  # base 2
 
         # ---- V: [N, D/2] packed tile ----
         vp = tl.load(VD + slot[:, None] * stride_vdr + kvh * stride_vdh + p[None, :],
@@ -221,8 +200,8 @@ def _prefix_attn_kernel(
         o_hi16 = o_hi.to(tl.float16)
         for oc in tl.static_range(D // KC):
             d = oc * KC + tl.arange(0, KC)
-            oo = tl.dot(o_lo16, _hadamard_tile(d_lo, d, B, LOG2B))
-            oo += tl.dot(o_hi16, _hadamard_tile(d_hi, d, B, LOG2B))
+            oo = tl.dot(o_lo16, hadamard_signs(d_lo, d, B, LOG2B))
+            oo += tl.dot(o_hi16, hadamard_signs(d_hi, d, B, LOG2B))
             oo = oo * o_scale
             tl.store(o_row[:, None] + d[None, :], oo.to(O.dtype.element_ty), mask=row_ok[:, None])
     else:
@@ -254,6 +233,8 @@ def prefix_attention(
     fmt: Int4KVFormat, sm_scale: float, page_size: int = 1, logit_cap: float = 0.0,
     max_q_len: int | None = None, max_kv_len: int | None = None, num_splits: int | None = None,
     *, block_rows: int | None = None, block_n: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None,
+    host_rotation: bool | None = None,
 ):
     """Extend queries q [Nq, Hq, D] (original basis) over their cached INT4 prefixes.
 
@@ -265,6 +246,11 @@ def prefix_attention(
     max_kv_len: optional host-known longest prefix, only used to size the split count.
     num_splits: split each prefix into this many slices (None: enough programs to fill
     the GPU when there are few query blocks); slices are merged by log-sum-exp.
+
+    block_rows / block_n / num_warps / num_stages override the launch configuration
+    (tuning and fault isolation; the defaults come from `_launch_config`).
+    host_rotation: rotate q / o with torch around the kernel instead of inside it
+    (None: only at head_dim 64 on the GPU, see the comment in the body).
 
     Returns (o [Nq, Hq, D] in q.dtype, lse [Nq, Hq] fp32, natural log); a request with
     an empty prefix gets o = 0 and lse = -inf, so a log-sum-exp merge returns the other
@@ -298,10 +284,25 @@ def prefix_attention(
     rows, bn, warps, stages = _launch_config(d, gqa_pad, q.is_cuda)
     rows = max(block_rows or rows, gqa_pad, 16)
     bn = block_n or bn
+    warps, stages = num_warps or warps, num_stages or stages
     block_m = rows // gqa_pad
 
     rot_k, rot_v = fmt.k_rotated, fmt.v_rotated
     b = fmt.block_size
+    # On sm_90 (Triton 3.6) the in-register rotation at head_dim 64 gave wrong results
+    # or illegal addresses (docs/gpu-runs.md, run 7; head_dim 128/256 and no rotation
+    # were right): there torch rotates q before the kernel and o after it, in fp32.
+    h_host = None
+    if host_rotation is None:
+        host_rotation = q.is_cuda and d == 64
+    if host_rotation and (rot_k or rot_v):
+        h_host = block_hadamard(d, b, torch.float32, q.device)
+        if rot_k:
+            q = q.float() @ h_host
+        o_v = o
+        if rot_v:
+            o = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        rot_k = rot_v = False
     q_scale = sm_scale / math.sqrt(b) if rot_k else sm_scale
     use_cap = logit_cap > 0
     if not use_cap:
@@ -332,6 +333,9 @@ def prefix_attention(
     )
     if num_splits > 1:
         _merge_splits(o_buf, lse_buf, o, lse)
+    if h_host is not None and fmt.v_rotated:
+        o_v.copy_(o @ h_host)  # normalised H_B is symmetric and orthogonal: H^-1 = H
+        o = o_v
     return o, lse
 
 

@@ -23,22 +23,55 @@ def sanitize(x: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(x.float(), nan=0.0, posinf=CLAMP, neginf=-CLAMP).clamp(-CLAMP, CLAMP)
 
 
-def quantize(x: torch.Tensor, fmt: Int4KVFormat, rotated: bool):
-    """[..., D] float -> (packed uint8 [..., D/2], scales fp16 [..., NG, 2])."""
+def quantize(x: torch.Tensor, fmt: Int4KVFormat, rotated: bool, clip=1.0):
+    """[..., D] float -> (packed uint8 [..., D/2], scales fp16 [..., NG, 2]).
+
+    `clip` (a candidate, not what the kernels write: they use 1.0) shrinks each
+    group's [min, max] about its centre by that factor, or with "mse" picks per group
+    the factor in CLIP_GRID with the least squared error."""
     x = sanitize(x)
     if rotated:
         x = rotate(x, fmt.block_size).clamp(-CLAMP, CLAMP)
     g = fmt.group_size
     xg = x.reshape(*x.shape[:-1], fmt.num_groups, g)
+    if clip == "mse":
+        q, scale, mn = _clip_search(xg)
+    else:
+        q, scale, mn = _quantize_groups(xg, float(clip))
+    packed = q[..., : g // 2] | (q[..., g // 2 :] << 4)
+    packed = packed.reshape(*x.shape[:-1], fmt.head_dim // 2)
+    return packed, torch.stack([scale, mn], -1)
+
+
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def _quantize_groups(xg, clip: float):
+    """xg [..., NG, G] -> (codes uint8, scale fp16, min fp16) with the range shrunk by clip."""
     lo, hi = xg.amin(-1), xg.amax(-1)
+    if clip != 1.0:
+        mid, half = (hi + lo) / 2, (hi - lo) / 2 * clip
+        lo, hi = mid - half, mid + half
     scale = ((hi - lo) / 15.0).half()
     mn = lo.half()
     s, m = scale.float().unsqueeze(-1), mn.float().unsqueeze(-1)
     inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
     q = torch.floor((xg - m) * inv + 0.5).clamp(0, 15).to(torch.uint8)
-    packed = q[..., : g // 2] | (q[..., g // 2 :] << 4)
-    packed = packed.reshape(*x.shape[:-1], fmt.head_dim // 2)
-    return packed, torch.stack([scale, mn], -1)
+    return q, scale, mn
+
+
+def _clip_search(xg):
+    best = None
+    for c in CLIP_GRID:
+        q, scale, mn = _quantize_groups(xg, c)
+        err = ((q.float() * scale.float().unsqueeze(-1) + mn.float().unsqueeze(-1) - xg) ** 2).sum(-1)
+        if best is None:
+            best = (err, q, scale, mn)
+            continue
+        take = err < best[0]
+        best = (torch.where(take, err, best[0]), torch.where(take.unsqueeze(-1), q, best[1]),
+                torch.where(take, scale, best[2]), torch.where(take, mn, best[3]))
+    return best[1], best[2], best[3]
 
 
 def unpack_codes(packed: torch.Tensor, fmt: Int4KVFormat) -> torch.Tensor:

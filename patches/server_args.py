@@ -221,24 +221,12 @@ def validate(args) -> None:
     check_features(args)
 
 
-GROUPS_ENV = "SAW_INT4_EXPERIMENTAL_GROUPS"
-
-
 def check_groups(fmt) -> None:
-    """Several groups per head: the prefix (extend) kernel supports groups >= 32, and
-    its groups path faulted on the H200 (illegal address, docs/gpu-runs.md run 6), so
-    it stays opt-in until a GPU run passes tests/gpu/test_prefix_gpu.py."""
-    if fmt.group_size == fmt.head_dim:
-        return
-    if fmt.group_size < 32:
+    """Several groups per head: the prefix (extend) kernel supports groups >= 32."""
+    if fmt.group_size < min(32, fmt.head_dim):
         raise ValueError(
             f"--saw-group-size {fmt.group_size}: the INT4 prefix attention needs groups of "
             f"at least 32 channels. Use 32, 64 or leave it unset (one group per head).")
-    if os.environ.get(GROUPS_ENV) != "1":
-        raise ValueError(
-            f"--saw-group-size {fmt.group_size} (several groups per head) is experimental: "
-            f"its prefix-attention path failed on the H200. Leave --saw-group-size unset "
-            f"(one group of {fmt.head_dim} per head), or set {GROUPS_ENV}=1 to try it.")
 
 
 def apply() -> bool:

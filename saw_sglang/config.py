@@ -101,8 +101,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--saw-group-size", type=_positive_int, default=d.saw_group_size,
         help="Channels sharing one scale/min pair (default: head_dim, one group per "
-        "token-head). Smaller groups (an even divisor of head_dim, at least 32) are "
-        "experimental on the server: set SAW_INT4_EXPERIMENTAL_GROUPS=1.",
+        "token-head). Smaller groups: an even divisor of head_dim, at least 32.",
     )
     g.add_argument(
         "--saw-rotate-v", action=argparse.BooleanOptionalAction, default=d.saw_rotate_v,

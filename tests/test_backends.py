@@ -485,6 +485,32 @@ def test_triton_backend_decode_graph_buffers(server_args, parallel, ref_kernels)
         b.init_forward_metadata_out_graph(_batch("EXTEND", batch_size=1), in_capture=True)
 
 
+def _extend_setup(gen, fmt, hq, hkv, prefix_lens, new_lens, page_size, dtype):
+    """A pool holding random prefixes at paged slots, fresh q/k/v for the new tokens and
+    the EXTEND batch that asks for them."""
+    d = fmt.head_dim
+    lens = [p + n for p, n in zip(prefix_lens, new_lens)]
+    r2t, rows = paged_req_to_token(lens, page_size, max(lens) + 1, gen)
+    pool = FakeInt4Pool(rows, hkv, fmt)
+    layer = _radix(hq, hkv, d)
+    slots = []
+    for i, p in enumerate(prefix_lens):
+        s = r2t[i + 1, :p].long()
+        pool.set_kv_buffer(layer, s, torch.randn(p, hkv, d, generator=gen), torch.randn(p, hkv, d, generator=gen))
+        slots.append(s)
+    n = sum(new_lens)
+    q, k, v = (torch.randn(n, h * d, generator=gen).to(dtype) for h in (hq, hkv, hkv))
+    out_loc = torch.cat([r2t[i + 1, p:p + m] for i, (p, m) in enumerate(zip(prefix_lens, new_lens))]).long()
+    seq = torch.tensor(lens)
+    bs = len(lens)
+    fb = _batch("EXTEND", batch_size=bs, req_pool_indices=torch.arange(1, bs + 1), seq_lens=seq,
+                seq_lens_cpu=seq.clone(), seq_lens_sum=int(seq.sum()),
+                extend_prefix_lens=torch.tensor(prefix_lens), extend_prefix_lens_cpu=list(prefix_lens),
+                extend_seq_lens=torch.tensor(new_lens), extend_seq_lens_cpu=list(new_lens),
+                out_cache_loc=out_loc)
+    return r2t, pool, layer, slots, q, k, v, out_loc, fb
+
+
 @pytest.mark.parametrize("prefix_lens", [[6, 0], [0, 0]])
 def test_triton_backend_extend(server_args, parallel, ref_kernels, prefix_lens):
     from saw_sglang.patches.attention_triton import backend_class
@@ -493,26 +519,9 @@ def test_triton_backend_extend(server_args, parallel, ref_kernels, prefix_lens):
     hq, hkv, d, P = 4, 2, 64, 1
     fmt = Int4KVFormat(d)
     new_lens = [3, 4]
-    lens = [p + n for p, n in zip(prefix_lens, new_lens)]
-    r2t, rows = paged_req_to_token(lens, P, max(lens) + 1, gen)
-    pool = FakeInt4Pool(rows, hkv, fmt)
-    layer = _radix(hq, hkv, d)
-    slots = []
-    for b, p in enumerate(prefix_lens):
-        s = r2t[b + 1, :p].long()
-        pool.set_kv_buffer(layer, s, torch.randn(p, hkv, d, generator=gen), torch.randn(p, hkv, d, generator=gen))
-        slots.append(s)
+    r2t, pool, layer, slots, q, k, v, out_loc, fb = _extend_setup(gen, fmt, hq, hkv, prefix_lens, new_lens,
+                                                                  P, torch.float16)
     n = sum(new_lens)
-    q = torch.randn(n, hq * d, generator=gen).half()
-    k = torch.randn(n, hkv * d, generator=gen).half()
-    v = torch.randn(n, hkv * d, generator=gen).half()
-    out_loc = torch.cat([r2t[b + 1, p:p + m] for b, (p, m) in enumerate(zip(prefix_lens, new_lens))]).long()
-    seq = torch.tensor(lens)
-    fb = _batch("EXTEND", batch_size=2, req_pool_indices=torch.tensor([1, 2]), seq_lens=seq,
-                seq_lens_cpu=seq.clone(), seq_lens_sum=int(seq.sum()),
-                extend_prefix_lens=torch.tensor(prefix_lens), extend_prefix_lens_cpu=list(prefix_lens),
-                extend_seq_lens=torch.tensor(new_lens), extend_seq_lens_cpu=list(new_lens),
-                out_cache_loc=out_loc)
     b = backend_class()(_runner(pool, r2t, hq, hkv, d, P, r2t.shape[1], server_args))
     b.init_forward_metadata(fb)
     assert (b.int4_meta.prefix is None) == (not any(prefix_lens))
@@ -607,26 +616,9 @@ def test_flashinfer_backend_extend(server_args, parallel, ref_kernels, fake_flas
     hq, hkv, d = 4, 2, 64
     fmt = Int4KVFormat(d)
     prefix_lens, new_lens = [0, 21, 5], [4, 3, 6]
-    lens = [p + n for p, n in zip(prefix_lens, new_lens)]
-    r2t, rows = paged_req_to_token(lens, page_size, max(lens) + 1, gen)
-    pool = FakeInt4Pool(rows, hkv, fmt)
-    layer = _radix(hq, hkv, d)
-    slots = []
-    for b_, p in enumerate(prefix_lens):
-        s = r2t[b_ + 1, :p].long()
-        pool.set_kv_buffer(layer, s, torch.randn(p, hkv, d, generator=gen), torch.randn(p, hkv, d, generator=gen))
-        slots.append(s)
+    r2t, pool, layer, slots, q, k, v, out_loc, fb = _extend_setup(gen, fmt, hq, hkv, prefix_lens, new_lens,
+                                                                  page_size, torch.float32)
     n = sum(new_lens)
-    q = torch.randn(n, hq * d, generator=gen)
-    k = torch.randn(n, hkv * d, generator=gen)
-    v = torch.randn(n, hkv * d, generator=gen)
-    out_loc = torch.cat([r2t[i + 1, p:p + m] for i, (p, m) in enumerate(zip(prefix_lens, new_lens))]).long()
-    seq = torch.tensor(lens)
-    fb = _batch("EXTEND", batch_size=3, req_pool_indices=torch.tensor([1, 2, 3]), seq_lens=seq,
-                seq_lens_cpu=seq.clone(), seq_lens_sum=int(seq.sum()),
-                extend_prefix_lens=torch.tensor(prefix_lens), extend_prefix_lens_cpu=list(prefix_lens),
-                extend_seq_lens=torch.tensor(new_lens), extend_seq_lens_cpu=list(new_lens),
-                out_cache_loc=out_loc)
     runner = _runner(pool, r2t, hq, hkv, d, page_size, r2t.shape[1], server_args)
     runner.dtype = torch.float32
     b = backend_class()(runner)

@@ -42,3 +42,15 @@ def test_table_formatting():
     assert t[0].startswith("| page |") and len(t) == 3
     assert t[1].count("|") == t[0].count("|")
     assert "0.0400 / 0.0500 / 0.0600" in t[2] and "3.00x" in t[2] and "68%" in t[2] and "| - |" in t[2]
+
+
+def test_copy_ceiling_kernel_copies_every_element():
+    """The SM copy kernel behind the bench's bandwidth ceiling (interpreter on the CPU)."""
+    import torch
+
+    from saw_sglang.bench.kernels import _sm_copy
+
+    a = torch.randint(-2**31, 2**31 - 1, (3 * 1024 + 5,), dtype=torch.int32)
+    b = torch.zeros_like(a)
+    _sm_copy()(a, b, block=1024)
+    assert torch.equal(a, b)

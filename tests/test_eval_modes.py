@@ -129,3 +129,40 @@ def test_gemma3_sliding_window_bf16_exact_and_hooked():
     with torch.no_grad():
         stock = model(ids).logits
     assert torch.equal(ours, stock) and not torch.equal(quant, stock)
+
+
+@pytest.mark.parametrize("spec", ["int4:rot=none:q8", "int4:q8", "int4:b=16:q8"])
+def test_q8_rounds_queries_on_the_kernel_basis(spec):
+    """int4:q8 rounds each query row to int8 (absmax / 127) in the basis the decode
+    kernel multiplies in (rotated when K is); kept layers and plain modes leave q alone."""
+    from saw_sglang.kernels import reference as ref
+
+    m = parse_mode(spec, 64, keep_layers=(2,))
+    assert m.q_int8 and m.label.endswith(" q8") and not parse_mode("int4", 64).q_int8
+    q = torch.randn(3, 4, 7, 64, generator=torch.Generator().manual_seed(5))
+    got = m.query(q, layer=0)
+    rot = m.fmt.k_rotated
+    basis = (lambda x: ref.rotate(x, m.fmt.block_size)) if rot else (lambda x: x.float())
+    x, y = basis(q), basis(got)
+    step = x.abs().amax(-1, keepdim=True) / 127
+    codes = y / step
+    assert torch.allclose(codes, codes.round(), atol=1e-3)  # on the int8 grid
+    assert ((y - x).abs() <= step / 2 + 1e-5).all()  # round to nearest
+    assert not torch.equal(got, q)
+    assert torch.equal(m.query(q, layer=2), q)  # kept layer
+    assert torch.equal(parse_mode("int4", 64).query(q, 0), q)
+    with pytest.raises(ValueError):
+        parse_mode("bf16:q8", 64)
+
+
+def test_clip_option_uses_the_reference_candidate():
+    from saw_sglang.kernels import reference as ref
+
+    m = parse_mode("int4:clip=mse", 64)
+    assert m.clip == "mse" and m.label.endswith("clip mse") and parse_mode("int4:clip=0.9", 64).clip == 0.9
+    k = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(4))
+    packed, scales = ref.quantize(k.bfloat16(), m.fmt, True, clip="mse")
+    want = ref.dequantize_values(packed, scales, m.fmt, True)
+    assert torch.equal(m.roundtrip(k, 0, is_key=True), want.to(k.dtype))
+    with pytest.raises(ValueError):
+        parse_mode("fp8_e4m3:clip=0.9", 64)

@@ -40,6 +40,18 @@ class FakeSGLang(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(out)
 
+    def do_GET(self):  # /get_server_info, shaped like ours (INT4) or stock (kv_cache_dtype)
+        assert self.path == "/get_server_info"
+        info = dict(FakeSGLang.server_info)
+        out = json.dumps(info).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    server_info: dict = {"kv_cache_dtype": "auto"}
+
     def log_message(self, *a):
         pass
 
@@ -80,6 +92,25 @@ def test_server_perplexity_from_logprobs(url, step):
     assert sorted(FakeSGLang.requests_seen) == sorted(expected)
 
 
+@pytest.mark.parametrize("info, want", [
+    ({"kv_cache_dtype": "auto"}, 1.0),
+    ({"kv_cache_dtype": "fp8_e4m3"}, 2.0),
+    ({"kv_cache_dtype": "int4", "saw_int4": {"bytes_per_token": 19584, "bf16_bytes_per_token": 73728}},
+     73728 / 19584),
+    ({"kv_cache_dtype": "int4", "internal_states": [{"saw_int4": {"bytes_per_token": 36,
+                                                                  "bf16_bytes_per_token": 128}}]}, 128 / 36),
+    ({"kv_cache_dtype": "something_new"}, None),
+])
+def test_kv_compression_from_server_info(url, info, want):
+    FakeSGLang.server_info = info
+    try:
+        got = server.kv_compression(url)
+    finally:
+        FakeSGLang.server_info = {"kv_cache_dtype": "auto"}
+    assert got == (pytest.approx(want) if want else None)
+    assert server.kv_compression("http://127.0.0.1:9") is None  # nothing listening: unknown
+
+
 def test_server_top1_agreement(url):
     wins = [list(range(40, 60))]
     ref = [[fake_top(i) if i % 4 else -1 for i in range(1, 20)]]  # 4, 8, 12, 16 differ
@@ -109,3 +140,25 @@ def test_cli_scores_servers_concurrently_against_the_bf16_one(url, tmp_path):
     assert [r["label"] for r in rows] == ["bf16", "int4"]
     assert all(r["tokens"] == 60 and r["top1_agree"] == 1 for r in rows)
     assert rows[1]["dppl"] == 0  # same answers as the reference
+
+
+def test_simulation_kept_when_the_server_phase_fails(tmp_path):
+    import json
+
+    import requests
+    import torch
+
+    from saw_sglang.bench.server import free_port
+    from saw_sglang.eval.__main__ import main
+    from test_eval_cli import _tiny_model_dir
+
+    words = _tiny_model_dir(tmp_path / "m")
+    g = torch.Generator().manual_seed(3)
+    (tmp_path / "t.txt").write_text(" ".join(words[i] for i in torch.randint(0, len(words), (200,), generator=g).tolist()))
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(requests.ConnectionError):
+        main(["--model", str(tmp_path / "m"), "--text", str(tmp_path / "t.txt"), "--tokens", "40",
+              "--ctx", "20", "--modes", "bf16,int4", "--server", f"int4={dead}", "--out", str(tmp_path / "o")])
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["meta"]["partial"] and [r["spec"] for r in res["results"]] == ["bf16", "int4"]
+    assert res["results"][0]["dppl"] == 0

@@ -141,3 +141,27 @@ def test_prefix_reference_merges_with_new_chunk_to_full_attention():
     full[:, 6:] = causal[0]
     expect, _ = ref._attend(q, kk, vv, 0.125, 0.0, full.unsqueeze(0))
     torch.testing.assert_close(o, expect, atol=1e-5, rtol=1e-5)
+
+
+def test_clip_candidate_never_worse_per_group_and_default_unchanged():
+    """reference.quantize's clip candidate (not written by the kernels): clip=1.0 is the
+    format itself; clip='mse' picks per group the factor with the least squared error,
+    so no group reconstructs worse than at 1.0; a fixed factor clamps the tails."""
+    from saw_sglang.kernels import reference as ref
+    from saw_sglang.kernels.format import Int4KVFormat
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(64, 4, 128, generator=g) * torch.rand(64, 4, 1, generator=g) * 3
+    fmt = Int4KVFormat(head_dim=128, group_size=32)
+    base = ref.quantize(x, fmt, True)
+    assert all(torch.equal(a, b) for a, b in zip(base, ref.quantize(x, fmt, True, clip=1.0)))
+
+    def group_err(packed, scales):
+        y = ref.dequantize_values(packed, scales, fmt, True, unrotate=False)
+        xr = ref.rotate(x, fmt.block_size)
+        return ((y - xr) ** 2).reshape(64, 4, fmt.num_groups, -1).sum(-1)
+
+    e1, em = group_err(*base), group_err(*ref.quantize(x, fmt, True, clip="mse"))
+    assert (em <= e1 * (1 + 1e-5) + 1e-12).all() and em.sum() < e1.sum()
+    p9, s9 = ref.quantize(x, fmt, True, clip=0.9)
+    assert (s9[..., 0].float() < base[1][..., 0].float()).all()  # narrower steps

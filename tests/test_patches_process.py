@@ -72,7 +72,7 @@ def test_configure_kv_cache_dtype_inert_for_other_dtypes():
         kv_cache_dtype.configure_kv_cache_dtype(server_args_kv_cache_dtype="int3", **kw)
 
 
-def test_launch_server_and_engine_arg_plumbing(tmp_path, monkeypatch):
+def test_launch_server_and_engine_arg_plumbing(tmp_path):
     from _saw_models import LLAMA, write
 
     model = write(tmp_path / "m", LLAMA)
@@ -93,7 +93,6 @@ def test_launch_server_and_engine_arg_plumbing(tmp_path, monkeypatch):
     from sglang.srt.entrypoints.engine import Engine as SGLangEngine
 
     assert engine.Engine is SGLangEngine
-    monkeypatch.setenv("SAW_INT4_EXPERIMENTAL_GROUPS", "1")  # groups of 32 are opt-in
     eargs = engine.server_args(model_path=model, kv_cache_dtype="int4", saw_group_size=32,
                                attention_backend="triton", device="cpu", skip_tokenizer_init=True)
     assert eargs.saw_group_size == 32 and eargs.saw_rotation == "hadamard"

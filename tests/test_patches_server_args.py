@@ -29,8 +29,7 @@ def parser():
     return p
 
 
-def test_parser_accepts_int4_and_saw_flags(llama, monkeypatch):
-    monkeypatch.setenv(sa_patch.GROUPS_ENV, "1")  # groups of 32 are opt-in
+def test_parser_accepts_int4_and_saw_flags(llama):
     ns = parser().parse_args([
         "--model-path", llama, "--kv-cache-dtype", "int4", "--saw-rotation", "none",
         "--saw-hadamard-block-size", "32", "--saw-group-size", "32", "--saw-rotate-v",
@@ -98,7 +97,6 @@ REFUSALS = [
     (dict(attention_backend="triton", saw_group_size=24), "group size 24 must be an even divisor"),
     (dict(attention_backend="triton", saw_group_size=4), "--saw-group-size 4 is too small"),
     (dict(attention_backend="triton", saw_rotation="random"), "rotation must be one of"),
-    (dict(attention_backend="triton", saw_group_size=32), "experimental.*SAW_INT4_EXPERIMENTAL_GROUPS=1"),
     (dict(attention_backend="triton", saw_group_size=16), "groups of at least 32.*leave it unset"),
 ]
 
@@ -109,8 +107,7 @@ def test_refusals_name_the_fix(llama, kwargs, message):
         ServerArgs(model_path=llama, kv_cache_dtype="int4", **CPU, **kwargs)
 
 
-def test_group_opt_in(llama, monkeypatch):
-    monkeypatch.setenv(sa_patch.GROUPS_ENV, "1")
+def test_groups_of_32_accepted_smaller_refused(llama):
     args = ServerArgs(model_path=llama, kv_cache_dtype="int4", saw_group_size=32, **CPU,
                       attention_backend="triton")
     assert args.saw_group_size == 32

@@ -97,6 +97,18 @@ def test_matches_reference(d, g, blk, hq, hkv, rot, rot_v, page, cap):
     check(q, qo, cache, fmt, page, cap)
 
 
+@pytest.mark.parametrize("rot_v, splits", [(False, 1), (True, 1), (True, 3)])
+def test_host_rotation_matches_reference(rot_v, splits):
+    """The head_dim-64 GPU path (q and o rotated by torch around an unrotated kernel),
+    forced on the CPU: same reference, same tolerances; blocks of 16 and of 64."""
+    for blk in (16, None):
+        gen = torch.Generator().manual_seed(77 + splits + blk if blk else 78)
+        fmt = Int4KVFormat(head_dim=64, group_size=32, block_size=blk, rotate_v=rot_v)
+        cache, _, _ = make_cache(fmt, 3, [37, 18, 0, 21], 16, gen)
+        q, qo = make_queries([5, 1, 3, 9], 9, 64, gen)
+        check(q, qo, cache, fmt, 16, host_rotation=True, num_splits=splits)
+
+
 def test_block_tiling_and_fp16_and_strided_q():
     """Several query blocks and KV tiles per request, a max_q_len from the host, fp16 q,
     and q as a strided view of a fused qkv tensor (as attention backends pass it)."""

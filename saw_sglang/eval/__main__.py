@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=3072, help="scored tokens in all (default 3072)")
     p.add_argument("--ctx", type=int, default=256, help="tokens per teacher-forced window (default 256)")
     p.add_argument("--modes", help="comma-separated mode specs, e.g. bf16,fp8_e4m3,int4:rot=none,int4,"
-                   "int4:b=16,int4:v,int4:g=32,int4:keep=0.1 (default: a sweep for the model's head_dim)")
+                   "int4:b=16,int4:v,int4:g=32,int4:keep=0.1,int4:q8 (default: a sweep for the model's head_dim)")
     p.add_argument("--quick", action="store_true", help="only bf16, fp8_e4m3, naive int4, default int4")
     p.add_argument("--bf16-layers", default="", help="layers kept in BF16 by every quantized mode, e.g. 0,1")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -61,7 +61,7 @@ def _mode_row(m, nl, kvh, hd, metrics) -> dict:
         "block_size": f.block_size if f and f.rotation == "hadamard" else None,
         "group_size": f.group_size if f else None,
         "rotate_v": bool(f and f.v_rotated), "keep_layers": sorted(m.keep_layers),
-        **metrics,
+        "q_int8": m.q_int8, **metrics,
     }
 
 
@@ -73,7 +73,7 @@ def summary(rows: list[dict]) -> list[str]:
         if n > b:
             out.append(f"default int4 closes {100 * (n - d) / (n - b):.1f}% of naive int4's perplexity gap "
                        f"(BF16 {b:.4f}, naive {n:.4f}, default {d:.4f}) at {sim['int4']['compression']:.2f}x")
-    quant = [r for r in sim.values() if r["kind"] != "bf16"]
+    quant = [r for r in sim.values() if r["kind"] != "bf16" and not r.get("q_int8")]  # formats only
     for lvl in sorted(quant, key=lambda r: r["bytes_per_token"]):
         best = min((r for r in quant if r["bytes_per_token"] <= lvl["bytes_per_token"]), key=lambda r: r["kl"])
         line = (f"best KL at <= {lvl['bytes_per_token']} B/token ({lvl['compression']:.2f}x smaller than BF16): "
@@ -81,6 +81,14 @@ def summary(rows: list[dict]) -> list[str]:
         if line not in out:
             out.append(line)
     return out
+
+
+def _add_dppl(rows) -> None:
+    """Perplexity minus the same engine's bf16 row (None without one)."""
+    base = {r["engine"].split()[0]: r["ppl"] for r in rows if r["spec"].startswith("bf16")}
+    for r in rows:
+        b = base.get(r["engine"].split()[0])
+        r["dppl"] = r["ppl"] - b if b is not None else None
 
 
 def main(argv=None) -> int:
@@ -109,8 +117,17 @@ def main(argv=None) -> int:
         with tqdm(total=len(wins) * len(modes), desc="simulated KV modes", unit="pass") as bar:
             tallies = simulate(model, wins, modes, args.device, bar)
         rows = [_mode_row(m, nl, kvh, hd, tallies[m.spec].metrics()) for m in modes]
+    meta = {"model": args.model, "layers": nl, "kv_heads": kvh, "head_dim": hd, "text": source,
+            "windows": len(wins), "ctx": args.ctx, "scored_tokens": sum(len(w) - 1 for w in wins),
+            "device": args.device, "dtype": args.dtype,
+            "simulation": "every K (after RoPE) and V of every position round-tripped through the mode, "
+                          "the current token's own included (decode-like)"}
     if args.server:
         from . import server
+
+        if rows:  # keep the simulation if the server phase fails or is cut short
+            _add_dppl(rows)
+            report.write_json(out / "results.json", {**meta, "partial": "servers not scored yet"}, rows)
 
         servers = [s.partition("=")[::2] if "=" in s else (f"server{i}", s) for i, s in enumerate(args.server)]
         servers.sort(key=lambda s: not s[0].startswith("bf16"))  # the reference first
@@ -128,19 +145,13 @@ def main(argv=None) -> int:
                 tally.agree, tally.agree_n = tally.n, tally.n
             elif ref_tops is not None:
                 server.add_agreement(tally, tops, ref_tops)
+            comp = server.kv_compression(url)
             rows.append({"engine": f"server {label}", "spec": label, "label": label, "kind": "server",
-                         "bytes_per_token": None, "compression": None, "url": url,
+                         "bytes_per_token": round(2 * nl * kvh * hd * 2 / comp) if comp else None,
+                         "compression": comp, "url": url,
                          "server_step": args.server_step or args.ctx, **tally.metrics()})
-    base = {r["engine"].split()[0]: r["ppl"] for r in rows if r["spec"].startswith("bf16")}
-    for r in rows:
-        b = base.get(r["engine"].split()[0])
-        r["dppl"] = r["ppl"] - b if b is not None else None
-
-    meta = {"model": args.model, "layers": nl, "kv_heads": kvh, "head_dim": hd, "text": source,
-            "windows": len(wins), "ctx": args.ctx, "scored_tokens": sum(len(w) - 1 for w in wins),
-            "device": args.device, "dtype": args.dtype, "seconds": round(time.time() - t0, 1),
-            "simulation": "every K (after RoPE) and V of every position round-tripped through the mode, "
-                          "the current token's own included (decode-like)"}
+    _add_dppl(rows)
+    meta["seconds"] = round(time.time() - t0, 1)
     table = report.markdown(rows)
     notes = summary(rows)
     print(f"\n## KV-cache accuracy: {args.model} (head_dim {hd}), {meta['scored_tokens']} tokens, "

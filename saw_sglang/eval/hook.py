@@ -23,6 +23,7 @@ def saw_kv_attention(module, query, key, value, attention_mask, **kwargs):
     mode = _active[0]
     if mode is not None:  # bf16 on a bf16 model is the identity (no copy)
         layer = getattr(module, "layer_idx", None)
+        query = mode.query(query, layer)
         key = mode.roundtrip(key, layer, is_key=True)
         value = mode.roundtrip(value, layer, is_key=False)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

@@ -3,7 +3,14 @@
 Every INT4 round trip is the project's own reference (kernels/reference.py
 `quantize` + `dequantize_values`), so the tool measures exactly the format the
 kernels implement. Modes are written as specs, e.g. `bf16`, `fp8_e4m3`,
-`int4:rot=none`, `int4:b=32`, `int4:b=64:v`, `int4:g=32`, `int4:keep=0.1`.
+`int4:rot=none`, `int4:b=32`, `int4:b=64:v`, `int4:g=32`, `int4:keep=0.1`, `int4:q8`,
+`int4:clip=0.9`, `int4:clip=mse`, `int4:vclip=mse` (V only).
+
+`q8` is not a cache format: it also rounds each query to int8 (per token and head,
+symmetric, in the basis the decode kernel rotates q into), to measure what an INT8
+q.k dot on integer tensor cores would cost (docs/decode.md). `clip` is a candidate
+format change the kernels do not write yet: each group's range shrunk about its centre
+(a factor, or `mse`: the least-squared-error factor per group, kernels/reference.py).
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ class KVMode:
     kind: str  # "bf16" | "fp8_e4m3" | "int4"
     fmt: Int4KVFormat | None = None
     keep_layers: frozenset[int] = field(default_factory=frozenset)  # stored in BF16
+    q_int8: bool = False  # also round queries to int8 (simulates an INT8 q.k kernel)
+    clip: object = 1.0  # range clipping candidate (reference.quantize); kernels write 1.0
+    clip_v_only: bool = False  # the clip applies to V alone (K keeps its full range)
 
     # -- the round trip -------------------------------------------------------------
     def roundtrip(self, x: torch.Tensor, layer: int | None, is_key: bool) -> torch.Tensor:
@@ -35,8 +45,19 @@ class KVMode:
             # SGLang's fp8 KV default: scale 1.0, plain cast to float8_e4m3fn and back.
             return x16.to(torch.float8_e4m3fn).to(x.dtype)
         rotated = self.fmt.k_rotated if is_key else self.fmt.v_rotated
-        packed, scales = ref.quantize(x16, self.fmt, rotated)
+        clip = 1.0 if (is_key and self.clip_v_only) else self.clip
+        packed, scales = ref.quantize(x16, self.fmt, rotated, clip=clip)
         return ref.dequantize_values(packed, scales, self.fmt, rotated).to(x.dtype)
+
+    def query(self, q: torch.Tensor, layer: int | None) -> torch.Tensor:
+        """q [..., D] -> what the attention kernel multiplies with the keys."""
+        if not self.q_int8 or (layer is not None and layer in self.keep_layers):
+            return q
+        rot = self.fmt.k_rotated
+        x = ref.rotate(q, self.fmt.block_size) if rot else q.float()
+        step = x.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127
+        x = torch.round(x / step).clamp(-127, 127) * step
+        return (ref.rotate(x, self.fmt.block_size) if rot else x).to(q.dtype)
 
     # -- sizes ----------------------------------------------------------------------
     def bytes_per_token(self, num_kv_heads: int, num_layers: int, head_dim: int) -> int:
@@ -61,6 +82,10 @@ class KVMode:
             base = f"int4 {rot} g{f.group_size}"
         if self.keep_layers and self.kind != "bf16":
             base += " keep " + ",".join(map(str, sorted(self.keep_layers)))
+        if self.q_int8:
+            base += " q8"
+        if self.clip != 1.0:
+            base += f" {'V ' if self.clip_v_only else ''}clip {self.clip}"
         return base
 
 
@@ -71,6 +96,8 @@ def parse_mode(spec: str, head_dim: int, keep_layers=()) -> KVMode:
     kind, *opts = spec.strip().split(":")
     kw: dict = {}
     keep = frozenset(keep_layers)
+    q8 = False
+    clip, v_only = 1.0, False
     for opt in opts:
         key, _, val = opt.partition("=")
         if key == "keep":
@@ -85,6 +112,11 @@ def parse_mode(spec: str, head_dim: int, keep_layers=()) -> KVMode:
             kw["group_size"] = int(val)
         elif key == "v" and not val:
             kw["rotate_v"] = True
+        elif key == "q8" and not val:
+            q8 = True
+        elif key in ("clip", "vclip"):
+            clip = val if val == "mse" else float(val)
+            v_only = key == "vclip"
         else:
             raise ValueError(f"mode {spec!r}: unknown option {opt!r}")
     if kind in ("bf16", "fp8_e4m3"):
@@ -93,7 +125,7 @@ def parse_mode(spec: str, head_dim: int, keep_layers=()) -> KVMode:
         raise ValueError(f"unknown KV mode {kind!r} (bf16, fp8_e4m3, int4[:options])")
     if kw.get("rotation") == "none":
         kw.pop("block_size", None)  # no rotation: the block size is unused
-    return KVMode(spec, "int4", Int4KVFormat(head_dim=head_dim, **kw), keep)
+    return KVMode(spec, "int4", Int4KVFormat(head_dim=head_dim, **kw), keep, q8, clip, v_only)
 
 
 def default_specs(head_dim: int, quick: bool = False) -> list[str]:
@@ -109,5 +141,5 @@ def default_specs(head_dim: int, quick: bool = False) -> list[str]:
     groups = [g for g in (64, 32) if g < head_dim]
     for g in groups:
         specs += [f"int4:rot=none:g={g}", f"int4:g={g}"]
-    specs += ["int4:keep=0.1"]
+    specs += ["int4:keep=0.1", "int4:q8"]
     return specs

@@ -18,7 +18,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['label']} | {r['engine']} | {_f(r.get('bytes_per_token'), 'd')} | "
-            f"{_f(r.get('compression'), '.2f')}x | {r['ppl']:.4f} | {_f(r.get('dppl'), '+.4f')} | "
+            f"{_f(r.get('compression'), '.2f')}{'x' if r.get('compression') else ''} | {r['ppl']:.4f} | {_f(r.get('dppl'), '+.4f')} | "
             f"{_f(r['kl'], '.5f')} | {_f(r['top1_agree'], '.4f')} |"
         )
     return "\n".join(lines)
@@ -55,11 +55,12 @@ def plot(path: Path, rows: list[dict], title: str) -> bool:
     for group in sorted({r["group_size"] for r in sim if r.get("block_size")}):
         for rot_v in (False, True):
             pts = sorted((r["block_size"], r["kl"]) for r in sim if r.get("block_size")
-                         and r["group_size"] == group and r["rotate_v"] == rot_v and not r["keep_layers"])
+                         and r["group_size"] == group and r["rotate_v"] == rot_v and not r["keep_layers"]
+                         and not r.get("q_int8"))
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"g{group} {'K+V' if rot_v else 'K'} rotated")
     for r in sim:
-        if r.get("rotation") == "none" and not r["keep_layers"]:
+        if r.get("rotation") == "none" and not r["keep_layers"] and not r.get("q_int8"):
             ax.axhline(r["kl"], ls="--", lw=1, color="gray")
             ax.text(0.01, r["kl"], f"naive g{r['group_size']}", fontsize=7, va="bottom",
                     transform=ax.get_yaxis_transform())

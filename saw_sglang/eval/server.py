@@ -33,6 +33,25 @@ def _post(url: str, ids: list[int], start: int, top1: bool, timeout: float) -> d
     return (out[0] if isinstance(out, list) else out)["meta_info"]
 
 
+_DTYPE_COMPRESSION = {"auto": 1.0, "bfloat16": 1.0, "bf16": 1.0, "float16": 1.0,
+                      "fp8_e4m3": 2.0, "fp8_e5m2": 2.0}
+
+
+def kv_compression(url: str, timeout: float = 30.0) -> float | None:
+    """KV bytes of BF16 over the server's own, from /get_server_info: our servers report
+    it ("saw_int4"), a stock server's `kv_cache_dtype` gives it; None when unknown."""
+    try:
+        r = requests.get(url.rstrip("/") + "/get_server_info", timeout=timeout)
+        r.raise_for_status()
+        info = r.json()
+    except (requests.RequestException, ValueError):
+        return None
+    saw = info.get("saw_int4") or (info.get("internal_states") or [{}])[0].get("saw_int4")
+    if saw and saw.get("bytes_per_token"):
+        return saw["bf16_bytes_per_token"] / saw["bytes_per_token"]
+    return _DTYPE_COMPRESSION.get(str(info.get("kv_cache_dtype")))
+
+
 def score_window(url: str, w: list[int], step: int, top1: bool = True, timeout: float = 600.0):
     """-> (logprob of w[i] given w[:i] for i = 1..len-1, argmax token at each or None)."""
     lps: list[float] = []
@@ -45,6 +64,10 @@ def score_window(url: str, w: list[int], step: int, top1: bool = True, timeout: 
         got = meta["input_token_logprobs"][1:]
         if len(got) != end - done:
             raise RuntimeError(f"server returned {len(got)} prompt logprobs, expected {end - done}")
+        missing = [done + i for i, x in enumerate(got) if x[0] is None]
+        if missing:  # JSON null: the server's logprob was NaN/inf (a broken KV mode)
+            raise RuntimeError(f"server returned no logprob (NaN?) at tokens {missing[:8]} "
+                               f"of a {len(w)}-token window")
         lps += [float(x[0]) for x in got]
         if top1:
             tops += [int(t[0][1]) if t else None for t in meta["input_top_logprobs"][1:]]

@@ -43,17 +43,19 @@ def test_real_sizes_d128(page, rot):
 
 @pytest.mark.parametrize("d, g, hq, hkv, rot, cap", [
     (64, 64, 9, 3, "k", 0.0),      # SmolLM2-135M shape (GQA 3)
-    (64, 32, 9, 3, "kv", 0.0),
+    (64, 32, 9, 3, "kv", 0.0),     # faulted in run 6; the next two tell groups from V rotation
+    (64, 32, 9, 3, "k", 0.0),
+    (64, 64, 9, 3, "kv", 0.0),
     (128, 32, 32, 8, "kv", 0.0),
     (128, 64, 8, 8, "k", 30.0),    # GQA 1, soft-cap
     (256, 256, 16, 2, "k", 50.0),  # Gemma-like head_dim, GQA 8
     (256, 64, 8, 4, "kv", 0.0),
 ])
 def test_head_dims_groups_gqa(d, g, hq, hkv, rot, cap):
-    if g < d:
-        # Several groups per head faulted on the H200 once (illegal address, docs/gpu-runs.md
-        # run 6): run the case in a child process, so a fault fails this case alone
-        # instead of poisoning the CUDA context of every later test.
+    if g < d or (d == 64 and rot != "none"):
+        # Rotated head_dim-64 cases faulted on the H200 before the host-rotation path
+        # (docs/prefix.md): these run in a child process, so a fault fails that case
+        # alone instead of poisoning every later test's CUDA context.
         r = subprocess.run([sys.executable, __file__, json.dumps([d, g, hq, hkv, rot, cap])],
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, f"child failed ({r.returncode}):\n{r.stdout[-3000:]}{r.stderr[-3000:]}"
@@ -143,7 +145,9 @@ def test_merge_with_flashinfer_states():
 def test_timing_and_sdpa_agreement(d, hq, hkv):
     """Prints kernel time (not asserted) next to torch SDPA over an already-dequantised
     BF16 prefix (the copy we avoid), and checks the two outputs agree. Tolerance: the
-    SDPA side rounds k/v to bf16 (relative 2^-9), moving scores by ~1e-2 at most."""
+    SDPA side rounds k/v to bf16 (relative 2^-9), moving scores by ~1e-2 at most, and
+    rounds the probabilities to bf16 before P.V (2^-9 of |v| <= ~4.5 per term): up to
+    ~2e-2 on an output element (run 7: 1 of 1.2M elements off by 0.0176)."""
     from triton.testing import do_bench
 
     gen = torch.Generator().manual_seed(3)
@@ -162,7 +166,7 @@ def test_timing_and_sdpa_agreement(d, hq, hkv):
     ms_ref = do_bench(lambda: sdpa(qs, kb, vb, scale=sm, enable_gqa=True))
     o, _ = prefix_attention(q, qo, *cache, fmt, sm, page_size=16, max_q_len=512)
     o_ref = sdpa(qs, kb, vb, scale=sm, enable_gqa=True).transpose(1, 2).reshape(q.shape)
-    torch.testing.assert_close(o.float(), o_ref.float(), atol=1e-2, rtol=2e-2)
+    torch.testing.assert_close(o.float(), o_ref.float(), atol=2.5e-2, rtol=2e-2)
     print(f"\nprefix_attention d={d} {hq}/{hkv} heads, 4 x (512 q over 4096 INT4 prefix): "
           f"{ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s, {kv_bytes / ms / 1e6:.0f} GB/s INT4; "
           f"SDPA on a BF16 copy {ms_ref:.3f} ms")

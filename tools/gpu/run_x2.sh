@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The whole GPU run on a two-GPU host (nvidia-h200-x2), as two background chains that
+# outlive one device call; later calls wait on them, the last packs the results.
+#
+#   tools/gpu/run_x2.sh start        install + models here (foreground), then
+#       GPU 0, correctness (shares the GPU): pytest -m gpu, the prefix-groups fault
+#              diagnosis, and e2e + eval + reliability (SOAK_S, default 900 s) together;
+#       GPU 1, timing (has the GPU to itself): the serving sweep (SERVE_ARGS), the kernel
+#              benchmark (--quick), then an unmerged branch's bench/A-B when $BRANCH_TGZ
+#              exists (AB_ARGS for its tools/sass/ab_decode.py).
+#   tools/gpu/run_x2.sh wait SECONDS   wait for both chains (exit 0 when both finished)
+#   tools/gpu/run_x2.sh pack OUT       everything as OUT/x2.tar.gz + OUT/summary.txt
+# Results: /tmp/x2/{pytest,soak,diag,serve,bench,branch}. Parts must be stashed first.
+set -uo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+RES=/tmp/x2 SNAP=/tmp/x2-repo
+BG_SH="$REPO/tools/gpu/bg.sh"
+export BG=/tmp/bg
+case "${1:-}" in
+  start)
+    mkdir -p "$RES"
+    "$REPO/tools/gpu/run_all.sh" "$RES/setup" --only install,models || exit $?
+    bash "$BG_SH" snapshot "$SNAP"
+    env_py="export PYTHONPATH=/tmp/site-self:/tmp/site PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0"
+    bash "$BG_SH" start gpu0 0 "cd $SNAP && { \
+      T_PYTEST=1200 tools/gpu/run_all.sh $RES/pytest --only pytest > /dev/null 2>&1 & \
+      SOAK_S=${SOAK_S:-900} T_E2E=1200 T_EVAL=1200 T_RELIABILITY=1700 \
+        tools/gpu/run_all.sh $RES/soak --only e2e,eval,reliability --together > /dev/null 2>&1 & \
+      ( $env_py; mkdir -p $RES/diag; timeout 900 python3 tools/gpu/diag_prefix_groups.py > $RES/diag/diag.txt 2>&1 ) & \
+      wait; }; cat $RES/pytest/summary.txt $RES/soak/summary.txt $RES/diag/diag.txt"
+    bash "$BG_SH" start gpu1 1 "cd $SNAP && \
+      T_SERVE=1500 SERVE_ARGS='${SERVE_ARGS:---budget}' tools/gpu/run_all.sh $RES/serve --only serve; \
+      T_BENCH=400 BENCH_ARGS=--quick tools/gpu/run_all.sh $RES/bench --only bench; \
+      if [ -f '${BRANCH_TGZ:-/tmp/parts/branch.tgz}' ]; then \
+        tools/gpu/branch_bench.sh '${BRANCH_TGZ:-/tmp/parts/branch.tgz}' $RES/branch ${AB_ARGS:-}; fi" ;;
+  wait)
+    bash "$BG_SH" wait "${2:-560}" gpu0 gpu1 ;;
+  pack)
+    mkdir -p "$2"
+    cat "$RES"/*/summary.txt > "$2/summary.txt" 2>/dev/null
+    cp "$BG"/*.log "$RES/" 2>/dev/null
+    tar -czf "$2/x2.tar.gz" -C /tmp x2
+    ls -la "$2" ;;
+  *) sed -n '2,14p' "$0"; exit 2 ;;
+esac
