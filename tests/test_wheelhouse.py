@@ -282,6 +282,33 @@ def test_run_all_usage_and_syntax():
     assert r.returncode == 2 and "--only" in r.stdout
 
 
+@pytest.mark.parametrize("name", ["run_x2.sh", "bg.sh", "branch_bench.sh"])
+def test_gpu_scripts_syntax(name):
+    subprocess.run(["bash", "-n", str(ROOT / "tools" / "gpu" / name)], check=True)
+
+
+def test_bg_jobs_outlive_the_starting_shell_and_report_status(tmp_path):
+    """bg.sh: a detached job keeps running after `start` returns, `wait` times out while
+    it runs (exit 1) and reports its exit status once done (exit 0), `snapshot` copies
+    the tree without .git."""
+    bg = ROOT / "tools" / "gpu" / "bg.sh"
+    env = {**os.environ, "BG": str(tmp_path / "bg")}
+    flag = tmp_path / "go"
+    r = subprocess.run(["bash", str(bg), "start", "j", "0",
+                        f"while [ ! -f {flag} ]; do sleep 0.2; done; echo done-$CUDA_VISIBLE_DEVICES; exit 3"],
+                       capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 0 and "started j on GPU 0" in r.stdout
+    r = subprocess.run(["bash", str(bg), "wait", "1", "j"], capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 1 and "j: running" in r.stdout
+    flag.touch()
+    r = subprocess.run(["bash", str(bg), "wait", "20", "j"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and "finished rc=3" in r.stdout and "done-0" in r.stdout
+    snap = tmp_path / "snap"
+    subprocess.run(["bash", str(bg), "snapshot", str(snap)], cwd=ROOT, check=True, env=env,
+                   capture_output=True, timeout=120)
+    assert (snap / "tools" / "gpu" / "bg.sh").exists() and not (snap / ".git").exists()
+
+
 # ---------------------------------------------------------------- models
 def test_qwen3_8b_shape_config(tmp_path):
     transformers = pytest.importorskip("transformers")

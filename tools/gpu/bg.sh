@@ -22,7 +22,7 @@ case "$cmd" in
   start)
     name="$1" gpus="$2"; shift 2
     rm -f "$BG/$name.rc"
-    CUDA_VISIBLE_DEVICES="$gpus" setsid nohup bash -c "$*; echo \$? > '$BG/$name.rc'" \
+    CUDA_VISIBLE_DEVICES="$gpus" setsid nohup bash -c "( $* ); echo \$? > '$BG/$name.rc'" \
       > "$BG/$name.log" 2>&1 < /dev/null &
     echo "$(date +%T) started $name on GPU $gpus (pid $!)" | tee -a "$BG/jobs.txt" ;;
   wait)
