@@ -36,7 +36,7 @@ MODES: Dict[str, tuple] = {
     "saw-int4": (OURS, "--kv-cache-dtype int4"),
 }
 DEFAULT_SCENARIOS = ["short:256:1024:32,64,128,256:4", "long:16384:1024:8,16,32,64,128:1"]
-# --budget: the whole sweep in about 12 min of H200 time (Qwen3-8B shape, 4 modes).
+# --budget: about 20 min of H200 time (Qwen3-8B shape, 4 modes; run 7: 3 modes, 1x prompts, 848 s).
 BUDGET_SCENARIOS = ["short:256:1024:32,128:2", "long:16384:1024:64:1"]
 # Ratios printed per point: (numerator mode, denominator mode).
 RATIOS = [("saw-int4", "bf16"), ("saw-int4", "int4-naive")]
@@ -105,14 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
                 "at each concurrency C. Defaults: " + " ".join(DEFAULT_SCENARIOS) + ". "
                 "--budget uses " + " ".join(BUDGET_SCENARIOS) + " (2x concurrency prompts for short, "
                 "1x for long, 3 points instead of 9) and adds --disable-piecewise-cuda-graph: "
-                "about 12 min on one H200 for the 4 modes with a Qwen3-8B-shaped dummy model "
-                "(~1 min per server start, one start per mode)."),
+                "about 20 min on one H200 for the 4 modes with a Qwen3-8B-shaped dummy model "
+                "(1-3 min per server start, one start per mode)."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model-path", required=True)
     p.add_argument("--modes", default=",".join(MODES), help="comma list from: " + ", ".join(MODES))
     p.add_argument("--scenario", action="append", type=Scenario.parse, metavar="SPEC",
                    help="repeatable; replaces the default scenarios")
-    p.add_argument("--budget", action="store_true", help="the trimmed ~12 min sweep (see below)")
+    p.add_argument("--budget", action="store_true", help="the trimmed ~20 min sweep (see below)")
     p.add_argument("--min-prompts", type=int, default=1)
     p.add_argument("--out", default="bench-serve-out")
     p.add_argument("--host", default="127.0.0.1")
