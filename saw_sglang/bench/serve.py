@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "kernel ms per step: attention decode/prefill, KV write, GEMM, comm, other")
     g.add_argument("--profile-steps", type=int, default=10, help="scheduler steps per capture")
     g.add_argument("--profile-points", default="", metavar="SCEN:C,...",
-                   help="profile only these points, e.g. short:128,long:64 (default: all)")
+                   help="profile only these points, e.g. short:128,long:64; empty: all")
     g.add_argument("--profile-settle", type=float, default=3.0,
                    help="seconds the running-request count must hold before a capture starts when "
                         "it stays below the concurrency (KV pool full)")
@@ -234,7 +234,12 @@ def plan(args) -> List[tuple]:
         raise SystemExit(f"unknown mode(s) {bad}; choose from {list(MODES)}")
     scenarios = args.scenario or [Scenario.parse(s) for s in
                                   (BUDGET_SCENARIOS if args.budget else DEFAULT_SCENARIOS)]
-    return [(m, sc, c) for m in modes for sc in scenarios for c in sc.concurrencies]
+    todo = [(m, sc, c) for m in modes for sc in scenarios for c in sc.concurrencies]
+    wanted = {x.strip() for x in args.profile_points.split(",") if x.strip()}
+    unknown = wanted - {f"{sc.name}:{c}" for _, sc, c in todo}
+    if unknown:
+        raise SystemExit(f"--profile-points {sorted(unknown)} name no planned point (SCENARIO:CONCURRENCY)")
+    return todo
 
 
 def profiled(args, sc: Scenario, c: int) -> bool:
