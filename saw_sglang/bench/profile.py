@@ -99,7 +99,7 @@ class TraceStats:
         for ev in read_events(path):
             if ev.get("ph") != "X":
                 continue
-            if ev.get("cat") in GPU_CATS:
+            if str(ev.get("cat", "")).lower() in GPU_CATS:
                 ts, dur = float(ev["ts"]), float(ev.get("dur", 0.0))
                 by[ev["name"]] += dur
                 calls[ev["name"]] += 1
