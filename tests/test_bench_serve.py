@@ -19,6 +19,7 @@ from saw_sglang.bench import serve
 from saw_sglang.bench.server import ManagedServer, ServerStartError, free_port
 
 FAKES = Path(__file__).parent / "fakes"
+sys.path.insert(0, str(FAKES))  # synthetic_trace
 FAKE_SERVER = f"{sys.executable} {FAKES / 'fake_sglang_server.py'}"
 FAKE_CLIENT = f"{sys.executable} {FAKES / 'fake_bench_client.py'}"
 
@@ -232,3 +233,83 @@ def test_dispatcher_help_and_unknown():
     from saw_sglang.bench.__main__ import main
     assert main(["--help"]) == 0
     assert main(["nope"]) == 2
+
+
+def profile_argv(tmp_path, *extra, scenario=("s:16:16:4:1",), server_env=""):
+    """Both launchers slow enough (50 ms a token) that the client's requests are seen running."""
+    pidfile = tmp_path / "pids"
+    env = f"env FAKE_PIDFILE={pidfile} FAKE_TOKEN_S=0.05 FAKE_PROFILE_LOG={tmp_path / 'prof.log'} {server_env}"
+    a = ["--model-path", "/nonexistent/model", "--out", str(tmp_path / "out"), "--modes", "bf16,saw-int4",
+         "--stock-launcher", f"{env} {FAKE_SERVER}", "--saw-launcher", f"{env} {FAKE_SERVER}",
+         "--bench-cmd", FAKE_CLIENT, "--start-timeout", "20", "--profile"]
+    for s in scenario:
+        a += ["--scenario", s]
+    return a + list(extra), pidfile
+
+
+def test_profile_captures_steps_at_steady_traffic(tmp_path, capsys, monkeypatch):
+    from synthetic_trace import STEP_KERNELS, step_us
+    monkeypatch.setenv("FAKE_BENCH_GENERATE", "1")
+    a, pidfile = profile_argv(tmp_path, "--profile-steps", "5")
+    assert serve.main(a) == 0
+    out = tmp_path / "out"
+    pts = {p["mode"]: p for p in json.loads((out / "results.json").read_text())["points"]}
+    attn_bf16 = sum(d for _, d, c in STEP_KERNELS if c == "attn_decode") / 1000.0
+    for mode, attn in (("bf16", attn_bf16), ("saw-int4", attn_bf16 / 2)):  # fake INT4: half the time
+        prof = pts[mode]["profile"]
+        assert prof["error"] is None and prof["running_reqs"] == 4
+        b = prof["breakdown"]
+        assert (b["steps"], b["steps_source"]) == (5.0, "requested")
+        assert b["ms"]["attn_decode"] == pytest.approx(attn)
+        assert b["kernel_ms"] == pytest.approx(step_us() / 1000.0 - attn_bf16 + attn)
+        assert Path(prof["dir"]) == out / "profile" / f"{mode}-s-c4"
+    rows = {r["mode"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert float(rows["saw-int4"]["profile_attn_decode_ms"]) == pytest.approx(attn_bf16 / 2)
+    assert rows["bf16"]["profile_steps"] == "5.0"
+    assert (out / "profile.png").stat().st_size > 1000
+    reqs = [json.loads(x) for x in (tmp_path / "prof.log").read_text().splitlines()]
+    assert len(reqs) == 2
+    assert reqs[0]["output_dir"] == str(out / "profile" / "bf16-s-c4") and reqs[0]["num_steps"] == 5
+    assert reqs[0]["with_stack"] is False and reqs[0]["record_shapes"] is False
+    printed = capsys.readouterr().out
+    assert "| bf16 | s c4 | 5 | " in printed and "_decode_split_kernel" in printed
+    assert_all_gone(pidfile)
+
+
+def test_profile_cut_short_and_selected_points(tmp_path, monkeypatch):
+    # The profile never ends by itself: /stop_profile cuts it at 3 steps, counted from the
+    # trace's CUDA-graph launches. Only s:4 is profiled; s:2 is not.
+    monkeypatch.setenv("FAKE_BENCH_GENERATE", "1")
+    a, pidfile = profile_argv(tmp_path, "--modes", "bf16", "--profile-points", "s:4",
+                              scenario=("s:16:16:2,4:1",),
+                              server_env="FAKE_PROFILE_S=never FAKE_PARTIAL_STEPS=3")
+    assert serve.main(a) == 0
+    pts = {p["concurrency"]: p for p in json.loads((tmp_path / "out" / "results.json").read_text())["points"]}
+    assert pts[2]["profile"] is None
+    b = pts[4]["profile"]["breakdown"]
+    assert (b["steps"], b["steps_source"], b["graph_launches"]) == (3.0, "graph launches", 3)
+    meta = json.loads((tmp_path / "out" / "profile" / "bf16-s-c4" / "profile-meta.json").read_text())
+    assert meta["complete"] is False
+    assert_all_gone(pidfile)
+
+
+def test_profile_without_traffic_records_why(tmp_path):
+    # The default fake client sends no requests: nothing ever runs, so no capture starts.
+    a, pidfile = profile_argv(tmp_path, "--modes", "bf16", scenario=("s:16:8:2:1",))
+    assert serve.main(a) == 0  # a missed profile is reported, the point itself succeeded
+    pt = json.loads((tmp_path / "out" / "results.json").read_text())["points"][0]
+    assert pt["output_tok_s"] == 20.0
+    assert pt["profile"]["error"] == "traffic ended before steady state"
+    assert not (tmp_path / "prof.log").exists()
+    assert_all_gone(pidfile)
+
+
+def test_profile_points_must_name_planned_points():
+    args = serve.build_parser().parse_args(["--model-path", "m", "--budget", "--profile",
+                                            "--profile-points", "long:64,short:99"])
+    with pytest.raises(SystemExit, match="short:99"):
+        serve.plan(args)
+    args.profile_points = "long:64"
+    todo = serve.plan(args)
+    assert [(m, sc.name, c) for m, sc, c in todo if serve.profiled(args, sc, c)] == \
+        [(m, "long", 64) for m in serve.MODES]

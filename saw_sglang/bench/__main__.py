@@ -1,4 +1,4 @@
-"""`python -m saw_sglang.bench {serve,kernels} [args]`: the benchmark tools."""
+"""`python -m saw_sglang.bench {serve,kernels,profile-summary} [args]`: the benchmark tools."""
 
 import importlib
 import sys
@@ -6,6 +6,7 @@ import sys
 COMMANDS = {
     "serve": ("saw_sglang.bench.serve", "serving sweep: throughput/latency per KV mode"),
     "kernels": ("saw_sglang.bench.kernels", "kernel microbenchmarks"),
+    "profile-summary": ("saw_sglang.bench.profile", "GPU time per decode step from profiler traces"),
 }
 
 
@@ -14,7 +15,7 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: python -m saw_sglang.bench {" + ",".join(COMMANDS) + "} [--help]\n")
         for name, (_, text) in COMMANDS.items():
-            print(f"  {name:8s} {text}")
+            print(f"  {name:16s} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     mod = importlib.import_module(COMMANDS[argv[0]][0])
     rc = mod.main(argv[1:])

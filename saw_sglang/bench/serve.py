@@ -6,7 +6,10 @@ For each KV mode (bf16, fp8 = stock SGLang, int4-naive and saw-int4 = ours) it
 starts the server, waits for /health, runs `sglang.bench_serving` (random-ids,
 fixed lengths) at every (scenario, concurrency) point, stops the server (the
 whole process group, also on Ctrl-C, errors or a failed start) and goes on.
-Writes results.json, results.csv and throughput.png to --out.
+Writes results.json, results.csv and throughput.png to --out. With --profile,
+it also captures N scheduler steps per point with SGLang's torch profiler once
+the point's traffic is steady (saw_sglang.bench.capture) and reports GPU kernel
+time per decode step by category (saw_sglang.bench.profile): profile.png and a table.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
+from saw_sglang.bench import profile as prof
+from saw_sglang.bench.capture import ProfileCapture
 from saw_sglang.bench.server import ManagedServer, ServerStartError, free_port, kill_group, kv_capacity
 
 STOCK = "stock"
@@ -88,6 +93,8 @@ class Point:
     p90_itl_ms: Optional[float] = None
     duration_s: Optional[float] = None
     error: Optional[str] = None
+    # --profile: {"running_reqs", "dir", "error", "breakdown": profile.Breakdown as dict}
+    profile: Optional[dict] = None
 
 
 @dataclass
@@ -137,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for /health")
     p.add_argument("--point-timeout", type=float, default=1800.0, help="seconds per bench run")
     p.add_argument("--no-plot", action="store_true")
+    g = p.add_argument_group("profiling (GPU time per decode step by kernel category)")
+    g.add_argument("--profile", action="store_true",
+                   help="at each profiled point, once the traffic is steady, capture --profile-steps "
+                        "scheduler steps with SGLang's /start_profile (torch profiler) and report "
+                        "kernel ms per step: attention decode/prefill, KV write, GEMM, comm, other")
+    g.add_argument("--profile-steps", type=int, default=10, help="scheduler steps per capture")
+    g.add_argument("--profile-points", default="", metavar="SCEN:C,...",
+                   help="profile only these points, e.g. short:128,long:64; empty: all")
+    g.add_argument("--profile-settle", type=float, default=3.0,
+                   help="seconds the running-request count must hold before a capture starts when "
+                        "it stays below the concurrency (KV pool full)")
     return p
 
 
@@ -216,7 +234,19 @@ def plan(args) -> List[tuple]:
         raise SystemExit(f"unknown mode(s) {bad}; choose from {list(MODES)}")
     scenarios = args.scenario or [Scenario.parse(s) for s in
                                   (BUDGET_SCENARIOS if args.budget else DEFAULT_SCENARIOS)]
-    return [(m, sc, c) for m in modes for sc in scenarios for c in sc.concurrencies]
+    todo = [(m, sc, c) for m in modes for sc in scenarios for c in sc.concurrencies]
+    wanted = {x.strip() for x in args.profile_points.split(",") if x.strip()}
+    unknown = wanted - {f"{sc.name}:{c}" for _, sc, c in todo}
+    if unknown:
+        raise SystemExit(f"--profile-points {sorted(unknown)} name no planned point (SCENARIO:CONCURRENCY)")
+    return todo
+
+
+def profiled(args, sc: Scenario, c: int) -> bool:
+    if not args.profile:
+        return False
+    wanted = {x.strip() for x in args.profile_points.split(",") if x.strip()}
+    return not wanted or f"{sc.name}:{c}" in wanted
 
 
 def run_sweep(args, progress=None) -> Sweep:
@@ -228,8 +258,11 @@ def run_sweep(args, progress=None) -> Sweep:
     for mode in modes:
         points = [(sc, c) for m, sc, c in todo if m == mode]
         port = args.port or free_port(args.host)
+        # Profiles that name no output_dir land here too.
+        env = dict(os.environ, SGLANG_TORCH_PROFILER_DIR=os.path.abspath(
+            os.path.join(args.out, "profile"))) if args.profile else None
         srv = ManagedServer(server_cmd(args, mode, port), args.host, port,
-                            os.path.join(args.out, f"server-{mode}.log"),
+                            os.path.join(args.out, f"server-{mode}.log"), env=env,
                             start_timeout_s=args.start_timeout)
         info = {"cmd": srv.cmd, "log": srv.log_path}
         sweep.servers[mode] = info
@@ -269,11 +302,26 @@ def _run_point(args, srv: ManagedServer, mode: str, sc: Scenario, c: int, kv) ->
     if not srv.alive():
         pt.error = "server died"
         return pt
+    cap = None
+    if profiled(args, sc, c):
+        cap = ProfileCapture(srv.url, os.path.join(args.out, "profile", tag), args.profile_steps,
+                             c, profile_id=tag, settle_s=args.profile_settle).start()
     try:
         rc = run_client(bench_cmd(args, sc, c, n, srv.port, out_file),
                         os.path.join(args.out, f"bench-{tag}.log"), args.point_timeout)
     except subprocess.TimeoutExpired:
+        rc = None
         pt.error = f"bench client timed out after {args.point_timeout:.0f} s"
+    except BaseException:
+        if cap is not None:
+            cap.cancel()
+        raise
+    if cap is not None:
+        b = cap.finish() if srv.alive() else cap.cancel()
+        pt.profile = {"running_reqs": cap.batch, "dir": cap.out_dir,
+                      "error": cap.error or (None if b else "server died"),
+                      "breakdown": b.to_dict() if b else None}
+    if rc is None:
         return pt
     if rc != 0:
         pt.error = f"bench client exited {rc}" + ("" if srv.alive() else " (server died)")
@@ -285,7 +333,21 @@ def _run_point(args, srv: ManagedServer, mode: str, sc: Scenario, c: int, kv) ->
     return pt
 
 
-CSV_FIELDS = list(Point.__dataclass_fields__)
+# The profile breakdown is flattened into profile_* columns (per-step ms by category).
+PROFILE_COLUMNS = ["profile_running_reqs", "profile_steps", "profile_kernel_ms", "profile_wall_ms"] + \
+    [f"profile_{k}_ms" for k in prof.KEYS] + ["profile_attn_share", "profile_error"]
+CSV_FIELDS = [f for f in Point.__dataclass_fields__ if f != "profile"] + PROFILE_COLUMNS
+
+
+def csv_row(p: Point) -> dict:
+    row = {k: v for k, v in asdict(p).items() if k != "profile"}
+    if p.profile:
+        b = p.profile.get("breakdown") or {}
+        row.update(profile_running_reqs=p.profile.get("running_reqs"), profile_error=p.profile.get("error"),
+                   profile_steps=b.get("steps"), profile_kernel_ms=b.get("kernel_ms"),
+                   profile_wall_ms=b.get("wall_ms"), profile_attn_share=b.get("attn_share"),
+                   **{f"profile_{k}_ms": (b.get("ms") or {}).get(k) for k in prof.KEYS})
+    return row
 
 
 def save(sweep: Sweep, out: str) -> None:
@@ -296,7 +358,7 @@ def save(sweep: Sweep, out: str) -> None:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         for p in sweep.points:
-            w.writerow(asdict(p))
+            w.writerow(csv_row(p))
 
 
 def ratio(points: List[Point], pt: Point, num: str, den: str) -> Optional[float]:
@@ -357,6 +419,34 @@ def plot(points: List[Point], path: str) -> Optional[str]:
     return path
 
 
+def profile_rows(points: List[Point]) -> List[tuple]:
+    """(mode, point label, Breakdown) of each profiled point that produced one."""
+    rows = []
+    for p in sorted(points, key=lambda p: (p.scenario, p.concurrency, list(MODES).index(p.mode))):
+        if p.profile and p.profile.get("breakdown"):
+            label = f"{p.scenario} c{p.concurrency}"
+            if p.profile.get("running_reqs") not in (None, p.concurrency):
+                label += f" ({p.profile['running_reqs']} running)"
+            rows.append((p.mode, label, prof.Breakdown(**p.profile["breakdown"])))
+    return rows
+
+
+def report_profiles(points: List[Point], out: str, no_plot: bool, top: int = 8) -> Optional[str]:
+    """Print the per-step breakdown table, each point's top kernels and failures; plot it."""
+    rows = profile_rows(points)
+    failed = [p for p in points if p.profile and p.profile.get("error")]
+    if not rows and not failed:
+        return None
+    print("\nGPU time per decode step (ms), from SGLang's torch profiler:\n")
+    print(prof.markdown_table(rows))
+    for mode, label, b in rows:
+        print(f"\n{mode} {label}: top kernels (ms per step, calls per step, category)")
+        print(prof.top_kernels_text(b, top))
+    for p in failed:
+        print(f"profile {p.mode} {p.scenario} c={p.concurrency}: {p.profile['error']}")
+    return None if no_plot or not rows else prof.plot(rows, os.path.join(out, "profile.png"))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.budget:
@@ -398,8 +488,10 @@ def main(argv=None) -> int:
         points = sweep.points
     print(table(points))
     png = None if args.no_plot else plot(points, os.path.join(args.out, "throughput.png"))
+    ppng = report_profiles(points, args.out, args.no_plot)
     print(f"\n{len(points)} points in {time.monotonic() - t0:.0f} s; results in {args.out}/"
-          f" (results.json, results.csv{', throughput.png' if png else ''})")
+          f" (results.json, results.csv{', throughput.png' if png else ''}"
+          f"{', profile.png, profile/' if ppng else ''})")
     if rc == 0 and any(p.error for p in points):
         rc = 1
     return rc

@@ -1,10 +1,15 @@
 """A stand-in for `sglang.launch_server` in CPU tests: same flags, same endpoints.
 
 Answers /health, /get_server_info, /v1/loads, /generate (plain and streamed),
-/abort_request and /flush_cache on --host/--port. Outputs are a deterministic
-function of the input ids. Behaviour knobs come from the environment:
-FAKE_MODE=exit|never_healthy, FAKE_STARTUP_S, FAKE_PIDFILE (append own and a
-child's pid), FAKE_IGNORE_SIGTERM=1, FAKE_LEAK_ON_DISCONNECT=1, FAKE_TOKEN_S, FAKE_CONTEXT_LEN.
+/abort_request, /flush_cache, /start_profile and /stop_profile on --host/--port.
+Outputs are a deterministic function of the input ids. Behaviour knobs come from
+the environment: FAKE_MODE=exit|never_healthy, FAKE_STARTUP_S, FAKE_PIDFILE (append
+own and a child's pid), FAKE_IGNORE_SIGTERM=1, FAKE_LEAK_ON_DISCONNECT=1, FAKE_TOKEN_S,
+FAKE_CONTEXT_LEN. Profiling, like SGLang's scheduler: /start_profile with num_steps
+writes a synthetic trace of num_steps steps (tests/fakes/synthetic_trace.py) after
+FAKE_PROFILE_S seconds ("never": only /stop_profile ends it, with FAKE_PARTIAL_STEPS
+steps); /stop_profile answers 500 when no profile runs; FAKE_PROFILE_LOG appends
+each /start_profile body as a JSON line.
 """
 
 import argparse
@@ -16,6 +21,8 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from synthetic_trace import STEP_KERNELS, write_trace
 
 CONTEXT_LEN = int(os.environ.get("FAKE_CONTEXT_LEN", "8192"))
 
@@ -37,7 +44,46 @@ TOKEN_S = float(os.environ.get("FAKE_TOKEN_S", "0.0005"))
 CAPACITY = ARGS.max_total_tokens or int(100000 * ARGS.mem_fraction_static) * (
     4 if ARGS.kv_cache_dtype == "int4" else 2 if ARGS.kv_cache_dtype.startswith("fp8") else 1)
 STATE = {"ready_at": time.monotonic() + float(os.environ.get("FAKE_STARTUP_S", "0")),
-         "used": 0, "running": 0, "aborted": set(), "lock": threading.Lock()}
+         "used": 0, "running": 0, "aborted": set(), "lock": threading.Lock(), "profile": None}
+
+
+def write_profile(req, steps):
+    """One trace (TP rank 0) of `steps` steps; INT4 decode attention runs in half the time."""
+    out = req.get("output_dir") or os.environ.get("SGLANG_TORCH_PROFILER_DIR", "/tmp")
+    os.makedirs(out, exist_ok=True)
+    fast = 0.5 if ARGS.kv_cache_dtype == "int4" else 1.0
+    kernels = [(n, d * (fast if c == "attn_decode" else 1.0), c) for n, d, c in STEP_KERNELS]
+    write_trace(os.path.join(out, f"{req.get('profile_id') or time.time()}-TP-0.trace.json.gz"),
+                steps, kernels)
+
+
+def start_profile(req):
+    with STATE["lock"]:
+        if STATE["profile"] is not None:
+            return 500, "Profiling is already in progress. Call /stop_profile first."
+        STATE["profile"] = req
+    if os.environ.get("FAKE_PROFILE_LOG"):
+        with open(os.environ["FAKE_PROFILE_LOG"], "a") as f:
+            f.write(json.dumps(req) + "\n")
+    delay = os.environ.get("FAKE_PROFILE_S", "0.1")
+    if req.get("num_steps") and delay != "never":
+        def done():
+            time.sleep(float(delay))
+            with STATE["lock"]:
+                if STATE["profile"] is req:
+                    write_profile(req, int(req["num_steps"]))
+                    STATE["profile"] = None
+        threading.Thread(target=done, daemon=True).start()
+    return 200, "Start profiling.\n"
+
+
+def stop_profile():
+    with STATE["lock"]:
+        req, STATE["profile"] = STATE["profile"], None
+        if req is None:
+            return 500, "Profiling is not in progress. Call /start_profile first."
+        write_profile(req, int(os.environ.get("FAKE_PARTIAL_STEPS", "3")))
+    return 200, "Stop profiling. This will take some time.\n"
 
 
 def tokenize(req):
@@ -94,7 +140,20 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(200, {})
         self._json(404, {"detail": "not found"})
 
+    def _text(self, code, text):
+        body = text.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def do_POST(self):
+        if self.path.startswith("/start_profile"):
+            return self._text(*start_profile(self._body()))
+        if self.path.startswith("/stop_profile"):
+            self._body()
+            return self._text(*stop_profile())
         if self.path.startswith("/abort_request"):
             STATE["aborted"].add(self._body().get("rid"))
             return self._json(200, {})
