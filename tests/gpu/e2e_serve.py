@@ -17,7 +17,8 @@ beside; the capacity check is then the startup capacity line. --sequential runs 
 server alone at --mem-fraction-static 0.3 and also compares the pools' measured sizes. Checks: greedy /generate outputs on 32 prompts vs BF16
 token by token (agreement reported per mode), the OpenAI chat endpoint, a long
 shared prefix served twice (radix cache hit, same answer), a prompt longer than the
-chunked-prefill size, and the token capacity vs BF16 at the same memory fraction
+chunked-prefill size, finite prompt logprobs of tokens appended to the cached prefix
+(read back through the INT4 cache; mean |logprob - BF16's| reported), and the token capacity vs BF16 at the same memory fraction
 (from /get_server_info, >= 3.5x). Prints a table last and writes summary.json.
 Not collected by pytest (needs a GPU and minutes).
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -61,6 +63,10 @@ FILLER = (
 )
 LONG_PREFIX = FILLER * 40  # ~1000 tokens, longer than --chunked-prefill-size 256
 RADIX_Q = LONG_PREFIX + "\nQuestion: The capital of France is"
+# Appended to the cached RADIX_Q: these tokens' queries read the whole prefix back
+# through the INT4 cache (prefix attention of an extend), and their prompt logprobs
+# must be finite (a broken prefix kernel gave NaN, i.e. JSON null, in run 7).
+RADIX_TAIL = " Paris.\nQuestion: The largest ocean on Earth is the"
 COMMON = ["--cuda-graph-max-bs", "32", "--disable-piecewise-cuda-graph",
           "--chunked-prefill-size", "256", "--log-level", "info"]
 ALONE = ["--mem-fraction-static", "0.3"]
@@ -137,6 +143,18 @@ class Server:
     def info(self):
         return get(self.url + "/get_server_info")
 
+    def prompt_logprobs(self, text, start):
+        """(logprobs of the prompt tokens after `start`, cached prompt tokens)."""
+        r = post(self.url + "/generate", {
+            "text": text, "return_logprob": True, "logprob_start_len": start,
+            "sampling_params": {"temperature": 0, "max_new_tokens": 1}})
+        meta = (r[0] if isinstance(r, list) else r)["meta_info"]
+        return [x[0] for x in meta["input_token_logprobs"][1:]], meta.get("cached_tokens")
+
+
+def finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
 
 def tokens(out):
     return out.get("output_ids") or out["text"]
@@ -165,6 +183,10 @@ def serve_checks(srv, result):
     result["long_answer"] = long_out["text"]
     result["radix_cached_tokens"] = meta.get("cached_tokens")
     result["radix_same_answer"] = tokens(again) == tokens(long_out)
+    # SGLang reuses the radix prefix only up to logprob_start_len: ask from the last
+    # prompt token on, so the hit covers RADIX_Q and the tail is scored over it.
+    lps, cached = srv.prompt_logprobs(RADIX_Q + RADIX_TAIL, max((result["long_prompt_tokens"] or 1) - 1, 0))
+    result["hit_logprobs"], result["hit_cached_tokens"] = lps, cached
     info = srv.info()
     result["max_total_num_tokens"] = info.get("max_total_num_tokens")
     result["saw_int4"] = info.get("saw_int4")
@@ -175,6 +197,7 @@ def serve_checks(srv, result):
         # attended its last chunk in BF16: a lossy cache may change the answer, so the
         # check is the hit and a real answer; sameness is reported.
         "radix_hit_answers": (result["radix_cached_tokens"] or 0) > 0 and bool(again["text"].strip()),
+        "radix_hit_logprobs_finite": (cached or 0) > 0 and bool(lps) and all(finite(x) for x in lps),
     }
     result["outputs"], result["long"] = outs, long_out
     return checks
@@ -240,6 +263,9 @@ def add_agreement(summary):
             continue
         res["agree_exact"], res["agree_prefix"] = agreement(ref["outputs"], res["outputs"])
         res["long_same_as_bf16"] = tokens(res["long"]) == tokens(ref["long"])
+        a, b = ref.get("hit_logprobs") or [], res.get("hit_logprobs") or []
+        if a and len(a) == len(b) and all(finite(x) for x in a + b):
+            res["hit_dlogprob"] = sum(abs(x - y) for x, y in zip(a, b)) / len(a)  # reported
 
 
 def main():
@@ -277,7 +303,7 @@ def main():
 
     summary["total_s"] = round(time.time() - t_all, 1)
     slim = _write_summary(out, summary)
-    print(f"\n{'mode':<11} {'ok':<5} {'start s':>7} {'exact':>6} {'prefix':>6} "
+    print(f"\n{'mode':<11} {'ok':<5} {'start s':>7} {'exact':>6} {'prefix':>6} {'hit dlp':>7} "
           f"{'tokens':>9} {'x BF16':>7}  failed checks")
     for name, _ in modes:
         r = slim[name]
@@ -286,7 +312,7 @@ def main():
         failed = [k for k, v in (r.get("checks") or {}).items() if not v] or ([r["error"]] if "error" in r else [])
         fmt = lambda x: f"{x:.2f}" if isinstance(x, float) else str(x if x is not None else "")  # noqa: E731
         print(f"{name:<11} {str(r['ok']):<5} {fmt(r.get('startup_s')):>7} {fmt(r.get('agree_exact')):>6} "
-              f"{fmt(r.get('agree_prefix')):>6} {fmt(r.get('max_total_num_tokens')):>9} "
+              f"{fmt(r.get('agree_prefix')):>6} {fmt(r.get('hit_dlogprob')):>7} {fmt(r.get('max_total_num_tokens')):>9} "
               f"{fmt(ratio):>7}  {', '.join(failed)}")
     print(f"total {summary['total_s']} s; summary: {out / 'summary.json'}")
     sys.exit(0 if all(slim[n]["ok"] for n, _ in modes) else 1)
