@@ -6,11 +6,13 @@
 #       GPU 0, correctness (shares the GPU): pytest -m gpu, the prefix-groups fault
 #              diagnosis, and e2e + eval + reliability (SOAK_S, default 900 s) together;
 #       GPU 1, timing (has the GPU to itself): the serving sweep (SERVE_ARGS), the kernel
-#              benchmark (--quick), then an unmerged branch's bench/A-B when $BRANCH_TGZ
-#              exists (AB_ARGS for its tools/sass/ab_decode.py).
+#              benchmark (--quick), then an unmerged decode branch's tests/bench/A-B when
+#              $BRANCH_TGZ exists (default /tmp/parts/branch.tgz; AB_ARGS for its
+#              tools/sass/ab_decode.py), and a write-kernel branch's GPU quantize tests and
+#              tests/gpu/quantize_speed.py when $WRITE_TGZ exists (/tmp/parts/writefast.tgz).
 #   tools/gpu/run_x2.sh wait SECONDS   wait for both chains (exit 0 when both finished)
 #   tools/gpu/run_x2.sh pack OUT       everything as OUT/x2.tar.gz + OUT/summary.txt
-# Results: /tmp/x2/{pytest,soak,diag,serve,bench,branch}. Parts must be stashed first.
+# Results: /tmp/x2/{pytest,soak,diag,serve,bench,branch,writefast}. Parts must be stashed first.
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 RES=/tmp/x2 SNAP=/tmp/x2-repo
@@ -32,7 +34,10 @@ case "${1:-}" in
       T_SERVE=1500 SERVE_ARGS='${SERVE_ARGS:---budget}' tools/gpu/run_all.sh $RES/serve --only serve; \
       T_BENCH=400 BENCH_ARGS=--quick tools/gpu/run_all.sh $RES/bench --only bench; \
       if [ -f '${BRANCH_TGZ:-/tmp/parts/branch.tgz}' ]; then \
-        tools/gpu/branch_bench.sh '${BRANCH_TGZ:-/tmp/parts/branch.tgz}' $RES/branch ${AB_ARGS:-}; fi" ;;
+        tools/gpu/branch_bench.sh '${BRANCH_TGZ:-/tmp/parts/branch.tgz}' $RES/branch ${AB_ARGS:-}; fi; \
+      if [ -f '${WRITE_TGZ:-/tmp/parts/writefast.tgz}' ]; then \
+        TESTS=tests/gpu/test_quantize_gpu.py BENCH=0 EXTRA=tests/gpu/quantize_speed.py \
+        tools/gpu/branch_bench.sh '${WRITE_TGZ:-/tmp/parts/writefast.tgz}' $RES/writefast; fi" ;;
   wait)
     bash "$BG_SH" wait "${2:-560}" gpu0 gpu1 ;;
   pack)
