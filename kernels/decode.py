@@ -157,13 +157,14 @@ def _store_out(o_ptrs_base, o_lo, o_hi, hmask, c_lo, c_hi,
 # the byte pair is spread into the two 16-bit halves, the nibble OR'ed into the mantissa
 # of fp16 1024.0 (0x6400), and 1024 subtracted in fp16x2 - no int->float conversions.
 # The interpreter (CPU tests) cannot run PTX and takes the plain-Triton path, bit-exact.
-_ASM_CODES = """{
-.reg .b32 t0, t1, m, z;
+# Spreads the byte pair of packed word $IN into the two 16-bit lanes of t0 / t1.
+_ASM_SPREAD = """.reg .b32 t0, t1, m, z;
 mov.b32 m, 0x64006400;
 mov.b32 z, 0;
-prmt.b32 t0, $2, z, 0x4140;
-prmt.b32 t1, $2, z, 0x4342;
-SHIFT
+prmt.b32 t0, $IN, z, 0x4140;
+prmt.b32 t1, $IN, z, 0x4342;
+"""
+_ASM_CODES = "{\n" + _ASM_SPREAD.replace("$IN", "$2") + """SHIFT
 lop3.b32 t0, t0, 0x000F000F, m, 0xEA;
 lop3.b32 t1, t1, 0x000F000F, m, 0xEA;
 sub.f16x2 $0, t0, m;
@@ -179,13 +180,7 @@ _ASM_HI = tl.constexpr(_ASM_CODES.replace("SHIFT", "shr.b32 t0, t0, 4;\nshr.b32 
 # output). SUB=False keeps the 1024 bias (folded into a per-row constant for K, whose
 # per-token dot has no long accumulation); SUB=True removes it (V accumulates over the
 # whole split, where the bias would cancel catastrophically).
-_ASM_PAIR = """{
-.reg .b32 t0, t1, m, z;
-mov.b32 m, 0x64006400;
-mov.b32 z, 0;
-prmt.b32 t0, $4, z, 0x4140;
-prmt.b32 t1, $4, z, 0x4342;
-lop3.b32 $0, t0, 0x000F000F, m, 0xEA;
+_ASM_PAIR = "{\n" + _ASM_SPREAD.replace("$IN", "$4") + """lop3.b32 $0, t0, 0x000F000F, m, 0xEA;
 lop3.b32 $1, t1, 0x000F000F, m, 0xEA;
 lop3.b32 $2, t0, 0x00F000F0, m, 0xEA;
 lop3.b32 $3, t1, 0x00F000F0, m, 0xEA;

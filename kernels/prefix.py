@@ -296,7 +296,7 @@ def prefix_attention(
     if host_rotation is None:
         host_rotation = q.is_cuda and d == 64
     if host_rotation and (rot_k or rot_v):
-        h_host = block_hadamard(d, b, torch.float32, q.device)
+        h_host = _device_hadamard(d, b, q.device)
         if rot_k:
             q = q.float() @ h_host
         o_v = o
@@ -347,6 +347,12 @@ def _merge_splits(o_buf, lse_buf, o, lse):
     den = w.sum(0)
     o.copy_((o_buf * w.unsqueeze(-1)).sum(0) / den.clamp_min(1e-30).unsqueeze(-1))
     lse.copy_(torch.where(den > 0, m + torch.log(den), torch.full_like(den, float("-inf"))))
+
+
+@functools.lru_cache(maxsize=None)
+def _device_hadamard(head_dim: int, block: int, device: torch.device) -> torch.Tensor:
+    """fp32 H_B on the device, built once (not a host->device copy per layer and step)."""
+    return block_hadamard(head_dim, block, torch.float32, device)
 
 
 @functools.lru_cache(maxsize=None)
