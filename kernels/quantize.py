@@ -6,11 +6,13 @@ pairs into the pool rows named by `loc`. `dequantize` reads slots back to BF16/F
 (fallbacks, debugging, tests). Both match `reference.py` (see tests/test_quantize.py
 for the tolerances and why).
 
-Rotation is done in registers as one tensor-core dot of the [rows, W] tile with an
-exact +-1 Sylvester matrix (W = max(block, 16); blocks smaller than 16 become a
-block-diagonal 16x16 matrix), generated inside the kernel from index parity, so the
-call allocates nothing and needs no constant buffer. Products of fp16 values with
-+-1 are exact and accumulate in fp32; the 1/sqrt(B) factor is applied afterwards.
+Rotation is exact +-1 arithmetic in registers, generated inside the kernel (no
+allocation, no constant buffer): H_B = H_{B/K} (x) H_K, so one K-deep tensor-core dot
+(K = DOT_K = 64) rotates the low index bits of each block and fp32 butterflies the
+rest (B = 128: 64 MACs + 1 add per element instead of 128 MACs; see `_rotate_pm1`).
+Blocks of 16 or fewer use one dot with a block-diagonal 16x16 matrix. Products of
+fp16 values with +-1 are exact and accumulate in fp32; the 1/sqrt(B) factor and the
+post-rotation clamp are folded into the per-group code arithmetic.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ import triton.language as tl
 from .format import CLAMP, Int4KVFormat
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
+# Depth of the rotation's tensor-core dot (H_B = H_{B/DOT_K} (x) H_DOT_K): each halving
+# adds one fp32 butterfly per element, each doubling doubles the (cheap) tensor-core
+# MACs and the H_DOT_K tile in shared memory (DOT_K^2 * 2 bytes).
+DOT_K = 64
+DEQUANT_BLOCK_T = 32  # tokens per dequantize program
 
 
 @triton.jit
@@ -43,57 +50,137 @@ def _hadamard_pm1(W: tl.constexpr, B: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
+def _fwht(x, R: tl.constexpr, B: tl.constexpr):
+    """Unnormalised Walsh-Hadamard transform of each row of x [R, B] (fp32, exact
+    adds and subtracts): log2(B) radix-2 butterfly stages. Each stage pairs the lowest
+    index bit and moves the result bit to the top, so after log2(B) stages the index
+    bits are back in order."""
+    for _ in tl.static_range(B.bit_length() - 1):
+        a, b = tl.split(tl.reshape(x, (R, B // 2, 2)))
+        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (R, B))
+    return x
+
+
+@triton.jit
+def _rotate_pm1(x, BT: tl.constexpr, D: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
+                DOT_K: tl.constexpr):
+    """x [BT, D] fp32 (sanitised) -> x . H_B without the 1/sqrt(B) factor, in fp32.
+
+    B <= 16: one tensor-core dot with the block-diagonal [16, 16] +-1 matrix.
+    B > 16: H_B = H_{B/K} (x) H_K (Sylvester), K = min(DOT_K, B): a K-deep dot with
+    H_K rotates the low log2(K) index bits of each block and fp32 butterflies the
+    remaining log2(B/K) bits (K = B is the dense dot). The dot's rows are ordered
+    (high bits, token, block) so that the high bits are the outermost M dimension of
+    the accumulator, which the compiler keeps in registers: the butterflies are
+    register-only (no layout change) when the tile has >= 16 blocks per warp.
+    Exactness: the dot inputs are fp16 (sanitised values are fp16-exact up to the
+    rounding of bf16 magnitudes below 2^-17 to the fp16 grid, <= 2^-25), +-1 products
+    are exact, accumulation is fp32, the butterflies are fp32 adds."""
+    if B <= 16:
+        hm = _hadamard_pm1(W, B, tl.float16)
+        y = tl.dot(tl.reshape(x.to(tl.float16), (BT * D // W, W)), hm, out_dtype=tl.float32)
+        return tl.reshape(y, (BT, D))
+    else:
+        K: tl.constexpr = min(DOT_K, B)
+        A: tl.constexpr = B // K
+        N: tl.constexpr = BT * D // B  # blocks in the tile
+        hk = _hadamard_pm1(K, K, tl.float16)
+        xa = tl.permute(tl.reshape(x.to(tl.float16), (N, A, K)), (1, 0, 2))  # [A, N, K]
+        y = tl.dot(tl.reshape(xa, (A * N, K)), hk, out_dtype=tl.float32)
+        y = tl.reshape(tl.permute(tl.reshape(y, (A, N, K)), (1, 2, 0)), (N * K, A))
+        y = _fwht(y, N * K, A)
+        y = tl.permute(tl.reshape(y, (N, K, A)), (0, 2, 1))  # [N, A, K]
+        return tl.reshape(y, (BT, D))
+
+
+@triton.jit
+def _sanitize(x, CLAMP_V: tl.constexpr):
+    """reference.sanitize: NaN -> 0, +-inf / huge -> +-CLAMP."""
+    x = tl.where(x != x, 0.0, x)
+    return tl.minimum(tl.maximum(x, -CLAMP_V), CLAMP_V)
+
+
+@triton.jit
+def _code(x, m, inv):
+    """reference.quantize's floor((x - min) / scale + 0.5) clamped to 0..15, as int32.
+    Clamping before the (truncating) conversion equals floor-then-clamp since w >= 0
+    then: one float->int conversion per element instead of floor + conversion (both
+    run at a quarter of the FP32 rate)."""
+    w = (x - m) * inv + 0.5
+    return tl.minimum(tl.maximum(w, 0.0), 15.0).to(tl.int32)
+
+
+@triton.jit
 def _quantize_rows(
     src, stride_t, stride_h, loc_ptr, data_ptr, scale_ptr,
     T, H, head, pid_t, nprog_t, inv_sqrt_b,
     D: tl.constexpr, G: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
     BLOCK_T: tl.constexpr, ROTATE: tl.constexpr, CLAMP_V: tl.constexpr,
+    DOT_K: tl.constexpr, STAGES: tl.constexpr,
 ):
     NG: tl.constexpr = D // G
+    HG: tl.constexpr = G // 2
+    # element j of a group goes to the low nibble of byte j, element j + G/2 to the
+    # high nibble: work on the two half-groups as separate [BLOCK_T, NG, G/2] tensors
+    # (same layout, so packing is elementwise, no data exchange between threads)
+    offs_lo = (tl.arange(0, NG) * G)[:, None] + tl.arange(0, HG)[None, :]
     offs_d = tl.arange(0, D)
     offs_b = tl.arange(0, D // 2)
-    offs_g = tl.arange(0, NG)
-    # nibble shift per half-group: element j -> low nibble, j + G/2 -> high nibble
-    shift = (tl.arange(0, 2) * 4)[None, None, :, None]
-    if ROTATE:
-        hm = _hadamard_pm1(W, B, tl.float16)
+    offs_s = tl.arange(0, 2 * NG)
     num_tiles = tl.cdiv(T, BLOCK_T)
-    for tile in range(pid_t, num_tiles, nprog_t):
+    for tile in tl.range(pid_t, num_tiles, nprog_t, num_stages=STAGES):
         offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
         mask_t = offs_t < T
-        ptrs = src + offs_t.to(tl.int64)[:, None] * stride_t + head * stride_h + offs_d[None, :]
-        x = tl.load(ptrs, mask=mask_t[:, None], other=0.0).to(tl.float32)
-        # reference.sanitize: NaN -> 0, +-inf / huge -> +-CLAMP
-        x = tl.where(x != x, 0.0, x)
-        x = tl.minimum(tl.maximum(x, -CLAMP_V), CLAMP_V)
+        rows = src + offs_t.to(tl.int64)[:, None] * stride_t + head * stride_h
         if ROTATE:
-            # Sanitised bf16/fp16 values are fp16-exact (|x| <= 30000), except bf16
-            # magnitudes below 2^-17, which round to the fp16 grid (error <= 2^-25).
-            xr = tl.reshape(x.to(tl.float16), (BLOCK_T * D // W, W))
-            y = tl.dot(xr, hm, out_dtype=tl.float32)
-            x = tl.reshape(y, (BLOCK_T, D)) * inv_sqrt_b
-            x = tl.minimum(tl.maximum(x, -CLAMP_V), CLAMP_V)
-        xg = tl.reshape(x, (BLOCK_T, NG, 2, G // 2))
-        hi = tl.max(tl.max(xg, axis=3), axis=2)
-        lo = tl.min(tl.min(xg, axis=3), axis=2)
+            x = tl.load(rows + offs_d[None, :], mask=mask_t[:, None], other=0.0).to(tl.float32)
+            y = _rotate_pm1(_sanitize(x, CLAMP_V), BLOCK_T, D, B, W, DOT_K)  # x . H_B * sqrt(B)
+            yg = tl.reshape(y, (BLOCK_T, NG, G))
+            # reference: x' = clamp(y / sqrt(B)); scaling by a positive constant and
+            # clamping are monotone, so max/min of x' = clamp(scaled max/min of y)
+            hi = tl.max(yg, axis=2) * inv_sqrt_b
+            lo = tl.min(yg, axis=2) * inv_sqrt_b
+            hi = tl.minimum(tl.maximum(hi, -CLAMP_V), CLAMP_V)
+            lo = tl.minimum(tl.maximum(lo, -CLAMP_V), CLAMP_V)
+        else:
+            p = rows[:, :, None] + offs_lo[None, :, :]
+            m3 = mask_t[:, None, None]
+            xl = _sanitize(tl.load(p, mask=m3, other=0.0).to(tl.float32), CLAMP_V)
+            xh = _sanitize(tl.load(p + HG, mask=m3, other=0.0).to(tl.float32), CLAMP_V)
+            hi = tl.maximum(tl.max(xl, axis=2), tl.max(xh, axis=2))
+            lo = tl.minimum(tl.min(xl, axis=2), tl.min(xh, axis=2))
         scale16 = tl.math.div_rn(hi - lo, tl.full(hi.shape, 15.0, tl.float32)).to(tl.float16)
         min16 = lo.to(tl.float16)
         # divide by the stored fp16 values so that dequantisation is exact to the code
         s = scale16.to(tl.float32)
-        m = min16.to(tl.float32)
+        m = min16.to(tl.float32)[:, :, None]
         inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(s > 0, s, 1.0))
-        inv = tl.where(s > 0, inv, 0.0)
-        q = tl.floor((xg - m[:, :, None, None]) * inv[:, :, None, None] + 0.5)
-        q = tl.minimum(tl.maximum(q, 0.0), 15.0).to(tl.int32)
-        packed = tl.sum(q << shift, axis=2)  # [BLOCK_T, NG, G/2]
+        inv = tl.where(s > 0, inv, 0.0)[:, :, None]
+        if ROTATE:
+            # one FMA per element: (y / sqrt(B) - min) / scale + 0.5 with the constants
+            # folded per group (rounding differs from the reference's three steps by a
+            # few ulps of w); the clamp of x' to +-CLAMP becomes a clamp of w to the
+            # codes of +-CLAMP, merged with the 0..15 clamp (w is monotone in x')
+            a = inv * inv_sqrt_b
+            b = 0.5 - m * inv
+            w_lo = tl.maximum((-CLAMP_V - m) * inv + 0.5, 0.0)
+            w_hi = tl.minimum((CLAMP_V - m) * inv + 0.5, 15.0)
+            q = tl.minimum(tl.maximum(yg * a + b, w_lo), w_hi).to(tl.int32)
+            # split into half-groups after quantising: free where the half-group bit
+            # is a register bit of the dot layout; where it is not (a half-group
+            # spans Hadamard blocks, e.g. D=256 G=256 B=128) it moves codes only
+            ql, qh = tl.split(tl.permute(tl.reshape(q, (BLOCK_T, NG, 2, HG)), (0, 1, 3, 2)))
+            packed = ql | (qh << 4)  # [BLOCK_T, NG, G/2]
+        else:
+            packed = _code(xl, m, inv) | (_code(xh, m, inv) << 4)
         packed = tl.reshape(packed, (BLOCK_T, D // 2)).to(tl.uint8)
 
         slot = tl.load(loc_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
         row = slot * H + head
         tl.store(data_ptr + row[:, None] * (D // 2) + offs_b[None, :], packed, mask=mask_t[:, None])
-        sp = scale_ptr + row[:, None] * (NG * 2) + offs_g[None, :] * 2
-        tl.store(sp, scale16, mask=mask_t[:, None])
-        tl.store(sp + 1, min16, mask=mask_t[:, None])
+        # (scale, min) pairs side by side: one contiguous 4*NG-byte store per row
+        sm = tl.reshape(tl.join(scale16, min16), (BLOCK_T, 2 * NG))
+        tl.store(scale_ptr + row[:, None] * (NG * 2) + offs_s[None, :], sm, mask=mask_t[:, None])
 
 
 @triton.jit
@@ -103,6 +190,7 @@ def _quantize_kv_kernel(
     T, H, inv_sqrt_b,
     D: tl.constexpr, G: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
     BLOCK_T: tl.constexpr, ROT_K: tl.constexpr, ROT_V: tl.constexpr, CLAMP_V: tl.constexpr,
+    DOT_K: tl.constexpr, STAGES: tl.constexpr,
 ):
     # grid: (token-tile programs, kv heads, {K, V}); each program strides over tiles
     pid_t = tl.program_id(0)
@@ -110,10 +198,10 @@ def _quantize_kv_kernel(
     nprog_t = tl.num_programs(0)
     if tl.program_id(2) == 0:
         _quantize_rows(k_ptr, k_st, k_sh, loc_ptr, kd_ptr, ks_ptr, T, H, head, pid_t, nprog_t,
-                       inv_sqrt_b, D, G, B, W, BLOCK_T, ROT_K, CLAMP_V)
+                       inv_sqrt_b, D, G, B, W, BLOCK_T, ROT_K, CLAMP_V, DOT_K, STAGES)
     else:
         _quantize_rows(v_ptr, v_st, v_sh, loc_ptr, vd_ptr, vs_ptr, T, H, head, pid_t, nprog_t,
-                       inv_sqrt_b, D, G, B, W, BLOCK_T, ROT_V, CLAMP_V)
+                       inv_sqrt_b, D, G, B, W, BLOCK_T, ROT_V, CLAMP_V, DOT_K, STAGES)
 
 
 @triton.jit
@@ -195,8 +283,14 @@ def _consts(fmt: Int4KVFormat):
     return dict(D=fmt.head_dim, G=fmt.group_size, B=b, W=max(b, 16)), 1.0 / math.sqrt(b)
 
 
-def _block_t(d: int) -> int:
-    return max(16, 8192 // d)  # ~8K elements per tile: 64 fp32 registers/thread at 4 warps
+def _block_t(d: int, b: int, rotated: bool, num_warps: int = 4) -> int:
+    """~8K elements per tile (64 fp32 registers/thread at 4 warps). With the Kronecker
+    rotation (b > 16) the tile must hold >= 16 * num_warps blocks, so that the high
+    index bits land in registers of the dot accumulator (else layout shuffles)."""
+    bt = max(16, 8192 // d)
+    if rotated and b > 16:
+        bt = max(bt, 16 * num_warps * b // d)
+    return bt
 
 
 def quantize_and_store(k, v, loc, k_data, k_scales, v_data, v_scales, fmt: Int4KVFormat):
@@ -231,11 +325,14 @@ def quantize_and_store(k, v, loc, k_data, k_scales, v_data, v_scales, fmt: Int4K
 
 
 def _launch_quantize(k, v, loc, k_data, k_scales, v_data, v_scales, fmt, block_t=None,
-                     num_warps=4, programs=None):
-    """The launch itself, with the tuning knobs exposed for tests/gpu/quantize_speed.py."""
+                     num_warps=4, programs=None, stages=1, dot_k=DOT_K):
+    """The launch itself, with the tuning knobs exposed for tests/gpu/quantize_speed.py:
+    token-tile size, warps, programs per launch, software-pipelining stages of the
+    tile loop (1 = off) and the depth of the rotation's tensor-core dot (16..B; the
+    rest of each Hadamard block is butterflies; dot_k >= B is one dense dot)."""
     t, h, d = k.shape
     c, inv_sqrt_b = _consts(fmt)
-    bt = block_t or _block_t(d)
+    bt = block_t or _block_t(d, fmt.block_size, fmt.k_rotated or fmt.v_rotated, num_warps)
     tiles = triton.cdiv(t, bt)
     grid_t = min(tiles, max(1, (programs or _target_programs(k.device)) // (2 * h)))
     _quantize_kv_kernel[(grid_t, h, 2)](
@@ -243,7 +340,7 @@ def _launch_quantize(k, v, loc, k_data, k_scales, v_data, v_scales, fmt, block_t
         k_data, k_scales, v_data, v_scales,
         t, h, inv_sqrt_b,
         BLOCK_T=bt, ROT_K=fmt.k_rotated, ROT_V=fmt.v_rotated, CLAMP_V=CLAMP,
-        num_warps=num_warps, **c,
+        DOT_K=dot_k, STAGES=stages, num_warps=num_warps, **c,
     )
 
 
@@ -261,7 +358,7 @@ def dequantize(data, scales, loc, fmt: Int4KVFormat, rotated: bool, dtype=torch.
     if t == 0:
         return out
     c, inv_sqrt_b = _consts(fmt)
-    bt = 32
+    bt = DEQUANT_BLOCK_T
     _dequantize_kernel[(triton.cdiv(t, bt), h)](
         data, scales, loc, out, out.stride(0), out.stride(1),
         t, h, inv_sqrt_b,

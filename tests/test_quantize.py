@@ -1,10 +1,15 @@
 """quantize_and_store / dequantize Triton kernels vs the torch references
 (CPU: Triton interpreter, small shapes). Tolerances: see tests/quantize_checks.py."""
 
+import math
+
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from quantize_checks import (
+    assert_slots_match,
     check_dequantize_same_bytes,
     check_round_trip,
     fused_kv,
@@ -13,7 +18,13 @@ from quantize_checks import (
 )
 from saw_sglang.kernels import reference as ref
 from saw_sglang.kernels.format import Int4KVFormat
-from saw_sglang.kernels.quantize import dequantize, quantize_and_store, without_rotation
+from saw_sglang.kernels.quantize import (
+    _launch_quantize,
+    _rotate_pm1,
+    dequantize,
+    quantize_and_store,
+    without_rotation,
+)
 
 MODES = {  # name -> Int4KVFormat kwargs
     "none": dict(rotation="none"),
@@ -90,8 +101,6 @@ def test_repeated_padding_slot_does_not_corrupt_other_slots(device):
     quantize_and_store(k, v, loc, *bufs, fmt)
     real = loc != 0
     ref.quantize_and_store_ref(k[real], v[real], loc[real], *refs, fmt)
-    from quantize_checks import assert_slots_match
-
     others = torch.ones(rows, dtype=torch.bool, device=device)
     others[0] = False
     slots = others.nonzero().squeeze(1)
@@ -155,3 +164,72 @@ def test_without_rotation_is_the_same_format_minus_the_rotation():
     assert base.rotation == "none" and not base.k_rotated and not base.v_rotated
     assert (base.head_dim, base.group_size, base.block_size) == (128, 32, 64)
     assert base.bytes_per_token_head == fmt.bytes_per_token_head
+
+
+@triton.jit
+def _rotate_tile_kernel(x_ptr, y_ptr, BT: tl.constexpr, D: tl.constexpr, B: tl.constexpr,
+                        W: tl.constexpr, DOT_K: tl.constexpr):
+    offs = tl.arange(0, BT)[:, None] * D + tl.arange(0, D)[None, :]
+    tl.store(y_ptr + offs, _rotate_pm1(tl.load(x_ptr + offs), BT, D, B, W, DOT_K))
+
+
+@pytest.mark.parametrize("dot_k", [16, 64, 256])
+@pytest.mark.parametrize("d, b", [(128, 16), (128, 32), (128, 64), (128, 128), (256, 256),
+                                  (256, 128), (64, 64), (64, 4)])
+def test_rotation_tile_matches_reference_rotate(d, b, dot_k, device):
+    """The in-kernel rotation alone (a dot_k-deep dot + butterflies; dot_k >= b: one
+    dense dot) on fp16-exact values vs reference.rotate: equal to fp32
+    summation-order rounding."""
+    bt = max(16, 64 * b // d)  # the kernel's tile rule: >= 64 blocks per tile
+    gen = torch.Generator(device).manual_seed(d * 1000 + b)
+    x = (torch.randn(bt, d, generator=gen, device=device) * 4).half().float()
+    x[0] = 3.0  # a constant row: one nonzero per block, exact zeros elsewhere
+    x[1, : d // 2] = 30000.0  # the clamp value, exact in fp16
+    y = torch.empty_like(x)
+    _rotate_tile_kernel[(1,)](x, y, BT=bt, D=d, B=b, W=max(b, 16), DOT_K=dot_k)
+    want = ref.rotate(x, b)
+    mag = x.abs().amax(-1, keepdim=True)
+    torch.testing.assert_close(y / math.sqrt(b), want, rtol=0, atol=4 * b * 2**-24 * mag.max().item())
+    # +-1 sums of fp16 values are exact in fp32 for small-magnitude rows: the constant
+    # row must come out as one value per block and exact zeros
+    blocks = y[0].view(d // b, b)
+    assert blocks[:, 0].eq(3.0 * b).all() and blocks[:, 1:].eq(0).all()
+
+
+@pytest.mark.parametrize("d, g, b, dtype", [
+    (128, 32, 32, torch.bfloat16), (128, 64, 64, torch.float16),
+    (256, 256, 256, torch.bfloat16), (256, 64, 128, torch.float16),
+])
+def test_kron_rotation_block_sizes_match_reference(d, g, b, dtype, device):
+    """End to end at block sizes beyond the defaults (K and V rotated)."""
+    fmt = Int4KVFormat(head_dim=d, group_size=g, block_size=b, rotate_v=True)
+    gen = torch.Generator(device).manual_seed(d + g + b)
+    t, rows = 40, 100
+    _, k, v = fused_kv(t, 2, 2, d, dtype, device, gen)
+    loc = torch.randperm(rows, generator=gen, device=device)[:t]
+    run_and_compare(k, v, loc, fmt, rows, exact=False, device=device)
+
+
+@pytest.mark.parametrize("knobs", [dict(dot_k=128), dict(dot_k=16),
+                                   dict(block_t=16, num_warps=8, programs=3, stages=2)])
+def test_tuning_knobs_keep_the_result(knobs, device):
+    """The launch knobs the speed sweep tries (dot depth, other tiles, warps, program
+    counts, pipelining) write the same bytes as the default launch."""
+    fmt = Int4KVFormat(head_dim=128, group_size=64, rotate_v=True)
+    t, rows = 50, 80
+    _, k, v = fused_kv(t, 4, 2, 128, torch.bfloat16, device)
+    loc = torch.randperm(rows, device=device)[:t]
+    bufs = fmt.alloc(rows, 2, device) + fmt.alloc(rows, 2, device)
+    quantize_and_store(k, v, loc, *bufs, fmt)
+    other = fmt.alloc(rows, 2, device) + fmt.alloc(rows, 2, device)
+    _launch_quantize(k, v, loc, *other, fmt, **knobs)
+    written = torch.zeros(rows, dtype=torch.bool, device=device)
+    written[loc] = True
+    for a, b_ in zip(bufs, other):
+        assert torch.equal(a[~written], b_[~written])
+    # the same arithmetic on CPU gives the same bytes; another dot depth sums in
+    # another order (and GPU tiles may too): then the usual tolerance
+    exact = device == "cpu" and "dot_k" not in knobs
+    slots = written.nonzero().squeeze(1)
+    assert_slots_match(other[0:2], bufs[0:2], fmt, slots, exact=exact)
+    assert_slots_match(other[2:4], bufs[2:4], fmt, slots, exact=exact)

@@ -3,9 +3,13 @@
     python tests/gpu/quantize_speed.py [--sweep]
 
 Prints microseconds per layer write (CUDA-graph timed), the achieved bandwidth and
-the rotation overhead (target: K-rotation <= 1.05x the no-rotation kernel). --sweep
-also tries tile sizes / warps / program counts at the largest T and prints the best.
-Numbers are printed, not asserted.
+the rotation overhead (target: K-rotation <= 1.05x the no-rotation kernel); "K dense"
+is the same kernel with one dense B-deep rotation dot instead of the Kronecker
+split (dot + butterflies), for comparison. --sweep, at the largest T and for each
+of --head-dims, first times the rotation's dot depth (dot_k 16..128) at the default
+launch, then tile sizes / warps / program counts / loop pipelining stages, and
+prints the best launch per mode. Numbers are printed, not asserted. The sweep
+takes about 3 minutes per head dim (compiles included).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ def main():
     args = ap.parse_args()
     hq = 4 * args.kv_heads
     print(f"{'D':>4} {'T':>6} {'bf16 store':>11} {'int4 none':>10} {'int4 K':>8} {'int4 K+V':>9} "
-          f"{'K/none':>7} {'KV/none':>8} {'GB/s none':>10} {'GB/s K':>8}")
+          f"{'K dense':>8} {'K/none':>7} {'KV/none':>8} {'Kdense/none':>12} {'GB/s none':>10} {'GB/s K':>8}")
     for d in map(int, args.head_dims.split(",")):
         for t in map(int, args.tokens.split(",")):
             rows = max(4 * t, 4096)
@@ -62,37 +66,52 @@ def main():
             ):
                 bufs = fmt.alloc(rows, args.kv_heads, "cuda") + fmt.alloc(rows, args.kv_heads, "cuda")
                 res[name] = _time(lambda: quantize_and_store(k, v, loc, *bufs, fmt))
+            fmt = Int4KVFormat(head_dim=d)
+            bufs = fmt.alloc(rows, args.kv_heads, "cuda") + fmt.alloc(rows, args.kv_heads, "cuda")
+            res["dense"] = _time(lambda: _launch_quantize(k, v, loc, *bufs, fmt, dot_k=fmt.block_size))
             moved = 2 * t * args.kv_heads * (2 * d + fmt.bytes_per_token_head)  # read + write
             print(f"{d:>4} {t:>6} {res['bf16']:>11.2f} {res['none']:>10.2f} {res['k']:>8.2f} "
-                  f"{res['kv']:>9.2f} {res['k'] / res['none']:>7.3f} {res['kv'] / res['none']:>8.3f} "
+                  f"{res['kv']:>9.2f} {res['dense']:>8.2f} {res['k'] / res['none']:>7.3f} "
+                  f"{res['kv'] / res['none']:>8.3f} {res['dense'] / res['none']:>12.3f} "
                   f"{moved / res['none'] / 1e3:>10.0f} {moved / res['k'] / 1e3:>8.0f}")
     if args.sweep:
-        _sweep(hq, args.kv_heads, int(args.tokens.split(",")[-1]))
+        _sweep(hq, args.kv_heads, int(args.tokens.split(",")[-1]), map(int, args.head_dims.split(",")))
 
 
-def _sweep(hq, hkv, t):
-    print(f"\nsweep at T={t}, Hkv={hkv}: (D, block_t, warps, programs) -> us none / K / K+V")
-    for d in (128, 64, 256):
+def _time_launch(fmt, k, v, loc, rows, **knobs):
+    bufs = fmt.alloc(rows, k.shape[1], "cuda") + fmt.alloc(rows, k.shape[1], "cuda")
+    return _time(lambda: _launch_quantize(k, v, loc, *bufs, fmt, **knobs))
+
+
+def _sweep(hq, hkv, t, head_dims):
+    print(f"\nsweep at T={t}, Hkv={hkv} (us; programs 16384 = one tile per program)")
+    for d in head_dims:
         rows = 4 * t
         k, v, loc = _inputs(t, hq, hkv, d, rows)
+        modes = (("none", Int4KVFormat(head_dim=d, rotation="none")),
+                 ("k", Int4KVFormat(head_dim=d)),
+                 ("kv", Int4KVFormat(head_dim=d, rotate_v=True)))
+        for dk in (16, 32, 64, 128):
+            k_us, kv_us = (_time_launch(f, k, v, loc, rows, dot_k=dk) for _, f in modes[1:])
+            print(f"  D={d} default launch, dot_k={dk:>3}: K {k_us:.2f}  K+V {kv_us:.2f}")
         best = {}
-        for bt, nw, progs in itertools.product((16, 32, 64, 128), (4, 8), (528, 1056, 4224)):
-            if bt * d > 32768:
+        for bt, nw, progs, stages in itertools.product((32, 64, 128, 256), (4, 8), (1056, 16384), (1, 2)):
+            # 4K..16K elements per tile. (Rotated tiles with < 16 Hadamard blocks per
+            # warp are correct but shuffle registers: expect them slow.)
+            if not 4096 <= bt * d <= 16384:
                 continue
             line = []
-            for name, fmt in (("none", Int4KVFormat(head_dim=d, rotation="none")),
-                              ("k", Int4KVFormat(head_dim=d)),
-                              ("kv", Int4KVFormat(head_dim=d, rotate_v=True))):
-                bufs = fmt.alloc(rows, hkv, "cuda") + fmt.alloc(rows, hkv, "cuda")
-                us = _time(lambda: _launch_quantize(k, v, loc, *bufs, fmt, block_t=bt,
-                                                    num_warps=nw, programs=progs))
+            for name, fmt in modes:
+                us = _time_launch(fmt, k, v, loc, rows, block_t=bt, num_warps=nw, programs=progs,
+                                  stages=stages)
                 line.append(us)
                 if us < best.get(name, (float("inf"),))[0]:
-                    best[name] = (us, bt, nw, progs)
-            print(f"  D={d} bt={bt:>3} warps={nw} programs={progs:>4}: "
-                  + " / ".join(f"{x:.2f}" for x in line))
-        print(f"  best D={d}: " + ", ".join(f"{n} {b[0]:.2f}us (bt={b[1]}, warps={b[2]}, programs={b[3]})"
-                                            for n, b in best.items()))
+                    best[name] = (us, bt, nw, progs, stages)
+            print(f"  D={d} bt={bt:>3} warps={nw} programs={progs:>5} stages={stages}: "
+                  + " / ".join(f"{x:.2f}" for x in line) + "  (none / K / K+V)")
+        print(f"  best D={d}: " + ", ".join(
+            f"{n} {b[0]:.2f}us (bt={b[1]}, warps={b[2]}, programs={b[3]}, stages={b[4]})"
+            for n, b in best.items()))
 
 
 if __name__ == "__main__":
