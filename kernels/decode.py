@@ -631,7 +631,8 @@ def decode_attention(
     head groups) also runs P.V on the integer tensor cores: p * scale_v rounded to int8
     per block (step = the block's largest V scale / 127): inaccurate with flat attention.
     pv_int8=2 (experimental) splits that x = p * scale_v / step into two int8 planes
-    (hi = round(x), lo = round(128 (x - hi))), two integer dots per V plane: ~15-bit P."""
+    (hi = round(x), lo = round(128 (x - hi))) stacked as the rows of one integer dot per
+    V plane: each weight to step / 256 (docs/decode.md)."""
     bsz, hq, hkv, d = _check(q, k_data, k_scales, v_data, v_scales, fmt)
     if (qk_int8 or pv_int8) and fmt.num_groups != 1:
         raise ValueError(f"qk_int8 / pv_int8 need one group per head (group_size {fmt.group_size} != head_dim {d})")
