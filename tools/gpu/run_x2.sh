@@ -3,16 +3,20 @@
 # outlive one device call; later calls wait on them, the last packs the results.
 #
 #   tools/gpu/run_x2.sh start        install + models here (foreground), then
-#       GPU 0, correctness (shares the GPU): pytest -m gpu, the prefix-groups fault
-#              diagnosis, and e2e + eval + reliability (SOAK_S, default 900 s) together;
-#       GPU 1, timing (has the GPU to itself): the serving sweep (SERVE_ARGS), the kernel
-#              benchmark (--quick), then an unmerged decode branch's tests/bench/A-B when
-#              $BRANCH_TGZ exists (default /tmp/parts/branch.tgz; AB_ARGS for its
-#              tools/sass/ab_decode.py), and a write-kernel branch's GPU quantize tests and
-#              tests/gpu/quantize_speed.py when $WRITE_TGZ exists (/tmp/parts/writefast.tgz).
+#       GPU 0, correctness (shares the GPU): pytest -m gpu and, together with it, the
+#              server checks $GPU0_STEPS (default e2e,eval,reliability; SOAK_S, default
+#              900 s), plus the prefix-groups fault diagnosis when DIAG=1;
+#       GPU 1, timing (has the GPU to itself): the kernel benchmark (--quick), this tree's
+#              tools/sass/ab_decode.py $AB_ARGS when AB_ARGS is set and no branch is
+#              there, tests/gpu/quantize_speed.py (the write kernel), the serving
+#              sweep (SERVE_ARGS), then an unmerged decode branch's tests/bench/A-B
+#              when $BRANCH_TGZ exists (default /tmp/parts/branch.tgz), and a write-kernel
+#              branch's GPU quantize tests and tests/gpu/quantize_speed.py when $WRITE_TGZ
+#              exists (/tmp/parts/writefast.tgz).
 #   tools/gpu/run_x2.sh wait SECONDS   wait for both chains (exit 0 when both finished)
 #   tools/gpu/run_x2.sh pack OUT       everything as OUT/x2.tar.gz + OUT/summary.txt
-# Results: /tmp/x2/{pytest,soak,diag,serve,bench,branch,writefast}. Parts must be stashed first.
+# Results: /tmp/x2/{pytest,soak,diag,bench,ab,wspeed,serve,branch,writefast}.
+# Parts must be stashed first.
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 RES=/tmp/x2 SNAP=/tmp/x2-repo
@@ -24,17 +28,26 @@ case "${1:-}" in
     "$REPO/tools/gpu/run_all.sh" "$RES/setup" --only install,models || exit $?
     bash "$BG_SH" snapshot "$SNAP"
     env_py="export PYTHONPATH=/tmp/site-self:/tmp/site PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0"
+    steps0="${GPU0_STEPS:-e2e,eval,reliability}" br="${BRANCH_TGZ:-/tmp/parts/branch.tgz}"
+    diag=":"
+    [ "${DIAG:-0}" = 1 ] && diag="( $env_py; mkdir -p $RES/diag; timeout 900 python3 tools/gpu/diag_prefix_groups.py > $RES/diag/diag.txt 2>&1 )"
     bash "$BG_SH" start gpu0 0 "cd $SNAP && { \
       T_PYTEST=1200 tools/gpu/run_all.sh $RES/pytest --only pytest > /dev/null 2>&1 & \
       SOAK_S=${SOAK_S:-900} T_E2E=1200 T_EVAL=1200 T_RELIABILITY=1700 \
-        tools/gpu/run_all.sh $RES/soak --only e2e,eval,reliability --together > /dev/null 2>&1 & \
-      ( $env_py; mkdir -p $RES/diag; timeout 900 python3 tools/gpu/diag_prefix_groups.py > $RES/diag/diag.txt 2>&1 ) & \
-      wait; }; cat $RES/pytest/summary.txt $RES/soak/summary.txt $RES/diag/diag.txt"
+        tools/gpu/run_all.sh $RES/soak --only $steps0 --together > /dev/null 2>&1 & \
+      $diag & \
+      wait; }; cat $RES/pytest/summary.txt $RES/soak/summary.txt $RES/diag/diag.txt 2>/dev/null"
+    ab=":"
+    [ -n "${AB_ARGS:-}" ] && [ ! -f "$br" ] && \
+      ab="( $env_py; mkdir -p $RES/ab; timeout 400 python3 tools/sass/ab_decode.py $AB_ARGS > $RES/ab/ab_decode.txt 2>&1 )"
     bash "$BG_SH" start gpu1 1 "cd $SNAP && \
-      T_SERVE=1500 SERVE_ARGS='${SERVE_ARGS:---budget}' tools/gpu/run_all.sh $RES/serve --only serve; \
       T_BENCH=400 BENCH_ARGS=--quick tools/gpu/run_all.sh $RES/bench --only bench; \
-      if [ -f '${BRANCH_TGZ:-/tmp/parts/branch.tgz}' ]; then \
-        tools/gpu/branch_bench.sh '${BRANCH_TGZ:-/tmp/parts/branch.tgz}' $RES/branch ${AB_ARGS:-}; fi; \
+      $ab; \
+      ( $env_py; mkdir -p $RES/wspeed; [ -f tests/gpu/quantize_speed.py ] && \
+        timeout 300 python3 tests/gpu/quantize_speed.py > $RES/wspeed/quantize_speed.txt 2>&1 ); \
+      T_SERVE=${T_SERVE:-1500} SERVE_ARGS='${SERVE_ARGS:---budget}' tools/gpu/run_all.sh $RES/serve --only serve; \
+      if [ -f '$br' ]; then \
+        tools/gpu/branch_bench.sh '$br' $RES/branch ${AB_ARGS:-}; fi; \
       if [ -f '${WRITE_TGZ:-/tmp/parts/writefast.tgz}' ]; then \
         TESTS=tests/gpu/test_quantize_gpu.py BENCH=0 EXTRA=tests/gpu/quantize_speed.py \
         tools/gpu/branch_bench.sh '${WRITE_TGZ:-/tmp/parts/writefast.tgz}' $RES/writefast; fi" ;;
@@ -46,5 +59,5 @@ case "${1:-}" in
     cp "$BG"/*.log "$RES/" 2>/dev/null
     tar -czf "$2/x2.tar.gz" -C /tmp x2
     ls -la "$2" ;;
-  *) sed -n '2,14p' "$0"; exit 2 ;;
+  *) sed -n '2,19p' "$0"; exit 2 ;;
 esac
