@@ -446,34 +446,7 @@ def _decode_split_kernel(
         if not PREFETCH:
             vc, v_s, v_m = _load_rows(vd_head, vs_head, slot, stride_vd_t, stride_vs_t, HALF, NG, GH)
         if NG == 1:
-            if PV_INT8 == 2:
-                # two-plane int8 P: x = p s_v / step in [0, 127] (step = the block's largest
-                # V scale / 127) split as hi = round(x) in [0, 127] and lo = round(128 (x -
-                # hi)) in [-64, 64]: P to step / 256 (the one-plane variant: step / 2).
-                # Rounding by the fp32 constant M = 1.5 * 2^23: the low byte of x + M is the
-                # int8 code (no F2I) and (x + M) - M = round(x) exactly. The planes are
-                # stacked as the M rows of one operand ([hi; lo], 2 BLOCK_H rows: at block_h
-                # 8 the rows the MMA tile pads to 16 anyway), so one integer dot per V plane
-                # as in the one-plane variant; 128 (hi . n) + (lo . n) is exact in int32
-                # (block_n <= 1024). Stacking after the split (tl.join) or four dots cost
-                # more (tools/sass: 858 / 895 loop instructions vs 776 here).
-                pstep = tl.maximum(tl.max(v_s, 0), 1e-30) / 127.0
-                x = p * (v_s / pstep)[None, :]
-                x2 = tl.reshape(tl.broadcast_to(x[None, :, :], [2, BLOCK_H, BLOCK_N]), [2 * BLOCK_H, BLOCK_N])
-                t_hi = x2 + 12582912.0
-                t_lo = (x2 - (t_hi - 12582912.0)) * 128.0 + 12582912.0
-                upper = (tl.arange(0, 2 * BLOCK_H) >= BLOCK_H)[:, None]
-                p2 = tl.where(upper, t_lo, t_hi).to(tl.int32, bitcast=True).to(tl.int8)
-                v_lo8, v_hi8 = _code_planes_i8(vc, USE_ASM)
-                pv_lo = tl.dot(p2, v_lo8, out_dtype=tl.int32)
-                pv_hi = tl.dot(p2, v_hi8, out_dtype=tl.int32)
-                h_lo, l_lo = tl.split(tl.permute(tl.reshape(pv_lo, [2, BLOCK_H, HALF]), (1, 2, 0)))
-                h_hi, l_hi = tl.split(tl.permute(tl.reshape(pv_hi, [2, BLOCK_H, HALF]), (1, 2, 0)))
-                pv_lo = h_lo * 128 + l_lo
-                pv_hi = h_hi * 128 + l_hi
-                acc_lo = acc_lo * alpha[:, None] + (pstep * 0.0078125) * pv_lo.to(tl.float32)
-                acc_hi = acc_hi * alpha[:, None] + (pstep * 0.125) * pv_hi.to(tl.float32)
-            elif PV_INT8:
+            if PV_INT8:
                 # p * s_v as int8 on a per-block step (the block's largest V scale / 127),
                 # V codes as int8; exact int32 dot, scaled into the fp32 accumulator
                 pstep = tl.maximum(tl.max(v_s, 0), 1e-30) / 127.0
@@ -570,14 +543,6 @@ def _use_asm(q) -> bool:
             and os.environ.get("SAW_INT4_DECODE_ASM", "1") != "0")
 
 
-def _pv_mode(pv_int8) -> int:
-    """pv_int8: False/0 (fp16 P.V), True/1 (one int8 plane), 2 (two int8 planes)."""
-    mode = int(pv_int8)
-    if mode not in (0, 1, 2):
-        raise ValueError(f"pv_int8 must be 0, 1 or 2 (got {pv_int8!r})")
-    return mode
-
-
 def _check(q, k_data, k_scales, v_data, v_scales, fmt: Int4KVFormat):
     if q.dim() != 3:
         raise ValueError(f"q must be [batch, q_heads, head_dim], got {tuple(q.shape)}")
@@ -612,7 +577,7 @@ def decode_attention(
     max_kv_len: int | None = None, block_n: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, waves: int | None = None,
     prefetch: bool | None = None, asm: bool | None = None, block_h: int | None = None,
-    qk_int8: bool = False, pv_int8: int = 0,
+    qk_int8: bool = False, pv_int8: bool = False,
 ):
     """INT4 paged decode attention. q [B, Hq, D] (original basis) -> out [B, Hq, D] q.dtype.
 
@@ -624,10 +589,7 @@ def decode_attention(
     (step = amax / 127) and computes q.k on the integer tensor cores: matches
     reference.decode_attention_ref(..., q_int8=True). pv_int8=True (experimental, whole-
     head groups) also runs P.V on the integer tensor cores: p * scale_v rounded to int8
-    per block (step = the block's largest V scale / 127): inaccurate with flat attention.
-    pv_int8=2 (experimental) splits that x = p * scale_v / step into two int8 planes
-    (hi = round(x), lo = round(128 (x - hi))) stacked as the rows of one integer dot per
-    V plane: each weight to step / 256 (docs/decode.md)."""
+    per block (step = the block's largest V scale / 127)."""
     bsz, hq, hkv, d = _check(q, k_data, k_scales, v_data, v_scales, fmt)
     if (qk_int8 or pv_int8) and fmt.num_groups != 1:
         raise ValueError(f"qk_int8 / pv_int8 need one group per head (group_size {fmt.group_size} != head_dim {d})")
@@ -675,7 +637,7 @@ def decode_attention(
         *smo, *sml, num_splits,
         NG=fmt.num_groups, PAGE=int(page_size), ROT_K=fmt.k_rotated, ROT_V=fmt.v_rotated,
         CAP=logit_cap > 0, DIRECT=direct, USE_ASM=_use_asm(q) if asm is None else asm,
-        PREFETCH=cfg.get("prefetch", True) if prefetch is None else prefetch, QK_INT8=bool(qk_int8), PV_INT8=_pv_mode(pv_int8),
+        PREFETCH=cfg.get("prefetch", True) if prefetch is None else prefetch, QK_INT8=bool(qk_int8), PV_INT8=bool(pv_int8),
         num_warps=num_warps, num_stages=num_stages, **common,
     )
     if not direct:

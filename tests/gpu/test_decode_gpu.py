@@ -117,24 +117,3 @@ def test_qk_int8_real_sizes(page, rot, hq, hkv):
         mx, rel = errors(out, expect)
         assert mx <= 2 * MAX_ABS and rel <= 2 * MAX_REL, (s, mx, rel)
         assert errors(out, exact)[1] <= 3e-2, s
-
-
-@pytest.mark.parametrize("page", [1, 16])
-@pytest.mark.parametrize("rot, hq, hkv", [("k", 32, 8), ("kv", 32, 32), ("none", 32, 4)])
-def test_pv_int8_two_plane_real_sizes(page, rot, hq, hkv):
-    """qk_int8=True, pv_int8=2 (two-plane int8 P.V) on the GPU: within the CPU test's
-    bounds (tests/test_decode.py: 1% relative vs the rounded-query reference, 3% vs the
-    exact one), also at 8k tokens with flat attention (q x 0.3; on the CPU, one 8k
-    request: two-plane 0.06% vs the rounded-query reference, one-plane 7%)."""
-    sm = ref.default_sm_scale(128)
-    for lens, scale in ((ragged(16, 4096, 11 + page), 1.0), ([8192] * 4, 0.2)):
-        case = make_case(lens, hq, hkv, 128, page=page, rotation="none" if rot == "none" else "hadamard",
-                         rotate_v=rot == "kv", dtype=torch.bfloat16, device="cuda", seed=page + hq)
-        case["q"] = (case["q"].float() * scale).to(torch.bfloat16)
-        expect = ref.decode_attention_ref(sm_scale=sm, q_int8=True, **case)
-        exact = ref.decode_attention_ref(sm_scale=sm, **case)
-        for s in (None, 1, 7):
-            out = decode_attention(sm_scale=sm, num_splits=s, qk_int8=True, pv_int8=2, **case)
-            mx, rel = errors(out, expect)
-            assert mx <= 5e-2 and rel <= 1e-2, (lens[0], s, mx, rel)
-            assert errors(out, exact)[1] <= 3e-2, (lens[0], s)

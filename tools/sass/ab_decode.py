@@ -1,8 +1,7 @@
 """A/B timing of decode_attention knobs on a CUDA GPU at the benchmark shape (32 q / 8 kv
 heads, D=128, K rotated, random slots): each variant against the first, same inputs.
 usage: python tools/sass/ab_decode.py [--batch 16 64] [--ctx 8192] [--page 1 16]
-       [--variants "block_h=16" "block_h=8" "block_h=4"]
-(variants: comma-separated integer keywords, e.g. "qk_int8=1,pv_int8=2"; "" = default)"""
+       [--variants "block_h=16" "block_h=8" "block_h=4"]"""
 import argparse
 import os
 import sys

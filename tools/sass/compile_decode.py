@@ -2,7 +2,7 @@
 ptxas) and print its instruction mix and registers: a cheap check of what the hot loop
 costs before spending GPU time.
 usage: python tools/sass/compile_decode.py [--asm 0|1] [--prefetch 0|1] [--block-n N]
-       [--warps N] [--stages N] [--qk-int8 0|1] [--pv-int8 0|1|2] [--dump | python tools/sass/loop_stats.py]"""
+       [--warps N] [--stages N] [--qk-int8 0|1] [--pv-int8 0|1] [--dump | python tools/sass/loop_stats.py]"""
 import argparse
 import collections
 import re
@@ -38,7 +38,7 @@ ptrs = {"q_ptr": "*bf16", "kd_ptr": "*u8", "ks_ptr": "*fp16", "vd_ptr": "*u8", "
 floats = {"sm_scale", "logit_cap", "inv_sqrt_bs"}
 const = dict(GQA=4, BLOCK_H=a.block_h, D=128, GS=a.group, NG=128 // a.group, BS=128, LOG_BS=7, CH=64, PAGE=a.page,
              BLOCK_N=a.block_n, ROT_K=True, ROT_V=False, CAP=False, DIRECT=False, USE_ASM=bool(a.asm),
-             PREFETCH=bool(a.prefetch), QK_INT8=bool(a.qk_int8), PV_INT8=a.pv_int8)
+             PREFETCH=bool(a.prefetch), QK_INT8=bool(a.qk_int8), PV_INT8=bool(a.pv_int8))
 sig, attrs = {}, {}
 for i, n in enumerate(names):
     if n in const:
