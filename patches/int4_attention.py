@@ -161,7 +161,7 @@ def build_kv_index(
     lens = lens[:bs].to(torch.int32)
     entries = lens if page_size == 1 else (lens + page_size - 1) // page_size
     indptr = indptr_out[: bs + 1] if indptr_out is not None else torch.empty(bs + 1, dtype=torch.int32, device=dev)
-    indptr[0] = 0
+    indptr[:1].zero_()  # a fill kernel: `indptr[0] = 0` is a synchronous host copy
     torch.cumsum(entries, 0, out=indptr[1:])
     if total is None:
         total = int(indptr[-1].item())
@@ -194,7 +194,7 @@ def host_total(lens_cpu, page_size: int = 1, lens_sum: Optional[int] = None) -> 
 def qo_indptr_from(extend_seq_lens: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     bs = extend_seq_lens.shape[0]
     qo = out[: bs + 1] if out is not None else torch.empty(bs + 1, dtype=torch.int32, device=extend_seq_lens.device)
-    qo[0] = 0
+    qo[:1].zero_()
     torch.cumsum(extend_seq_lens.to(qo.dtype), 0, out=qo[1:])
     return qo
 

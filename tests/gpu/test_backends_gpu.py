@@ -144,3 +144,24 @@ def test_extend_matches_flashinfer_bf16(server_args, parallel, name, page_size):
     want = _flashinfer_bf16_ragged(q, torch.cat(ks), torch.cat(vs), torch.tensor(qo, device=DEV),
                                    torch.tensor(kvo, device=DEV), hq, hkv, d, layer.scaling)
     torch.testing.assert_close(out.view_as(want).float(), want.float(), **TOL)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_per_step_metadata_never_syncs_on_device(page_size):
+    """The decode-graph refresh (every replay) and the extend qo_indptr make no device
+    sync: torch's sync debug mode raises on any (run 8 found `indptr[0] = 0` doing one)."""
+    gen = torch.Generator().manual_seed(page_size)
+    lens = [300, 17, 1200, 64]
+    r2t, _ = paged_req_to_token(lens, page_size, 1280, gen)
+    r2t, req, lens_t = r2t.to(DEV), torch.tensor([1, 2, 3, 4], device=DEV), torch.tensor(lens, device=DEV)
+    g = ia.DecodeGraphState(8, 1280, page_size, 32, 8, Int4KVFormat(head_dim=128), DEV)
+    total = ia.host_total(lens, page_size)
+    g.fill(r2t, req, lens_t, 4, total=total)  # first call: allocator warm-up outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        kv = g.fill(r2t, req, lens_t, 4, total=total)
+        ia.qo_indptr_from(lens_t)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(kv.kv_indptr[4]) == total
