@@ -212,7 +212,7 @@ def plot(rows: Sequence[Tuple[str, str, Breakdown]], path: str) -> Optional[str]
         bottom = [a + c for a, c in zip(bottom, h)]
     for xi, (_, _, b) in zip(x, rows):
         ax.text(xi, bottom[xi], f"{100 * b.attn_share:.0f}%", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(x, [f"{m}\n{p}" for m, p, _ in rows], fontsize=8)
+    ax.set_xticks(x, [f"{m}\n" + p.replace(" (", "\n(") for m, p, _ in rows], fontsize=8)
     unit = "ms per step" if all(b.steps for _, _, b in rows) else "ms (per step where known)"
     ax.set(ylabel=f"GPU kernel {unit}", title="GPU time per decode step (label: attention share)")
     ax.grid(axis="y", alpha=0.3)
