@@ -13,8 +13,10 @@ BF16 k/v (never rotated); only the cached prefix comes from the INT4 pool.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -165,20 +167,44 @@ def build_kv_index(
     torch.cumsum(entries, 0, out=indptr[1:])
     if total is None:
         total = int(indptr[-1].item())
-    rows = torch.repeat_interleave(torch.arange(bs, device=dev), entries, output_size=total)
-    cols = torch.arange(total, device=dev, dtype=torch.int64) - indptr[:-1].long()[rows]
-    src = req_to_token[req_pool_indices.long()[rows], cols * page_size]
-    if page_size > 1:
-        src = torch.div(src, page_size, rounding_mode="floor")
-    if indices_out is not None:
-        indices_out[:total].copy_(src)
-        indices = indices_out
+    if page_size == 1 and bs and _triton_runs_on(dev):
+        indices = indices_out if indices_out is not None else torch.empty(total, dtype=torch.int32, device=dev)
+        _slot_index_kernel()[(bs,)](req_to_token, req_pool_indices, lens, indptr, None, indices,
+                                    req_to_token.stride(0))
     else:
-        indices = src.to(torch.int32)
+        src = _gather_entries(req_to_token, req_pool_indices, entries, indptr, page_size, total)
+        if indices_out is not None:
+            indices_out[:total].copy_(src)
+            indices = indices_out
+        else:
+            indices = src.to(torch.int32)
     if lens_out is not None:
         lens_out[:bs].copy_(lens)
         lens = lens_out[:bs]
     return KVIndex(indptr, indices, lens, page_size)
+
+
+def _gather_entries(req_to_token, req_pool_indices, entries, indptr, page_size, total):
+    """Eager torch form of the index build (page ids, or slots where Triton cannot run)."""
+    dev = req_to_token.device
+    rows = torch.repeat_interleave(torch.arange(entries.shape[0], device=dev), entries, output_size=total)
+    cols = torch.arange(total, device=dev, dtype=torch.int64) - indptr[:-1].long()[rows]
+    src = req_to_token[req_pool_indices.long()[rows], cols * page_size]
+    return torch.div(src, page_size, rounding_mode="floor") if page_size > 1 else src
+
+
+def _triton_runs_on(device) -> bool:
+    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _slot_index_kernel():
+    """SGLang's own token-slot index kernel, the one its FlashInfer decode path runs every
+    step: one launch instead of ~20 eager ops (host time per call on the H200, run 9:
+    55-61 us against 230-290 us; same indices)."""
+    from sglang.kernels.ops.attention.utils import create_flashinfer_kv_indices_triton
+
+    return create_flashinfer_kv_indices_triton
 
 
 def host_total(lens_cpu, page_size: int = 1, lens_sum: Optional[int] = None) -> Optional[int]:

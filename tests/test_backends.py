@@ -217,7 +217,12 @@ def test_register_wraps_the_real_original(clean_registry):
 # metadata
 @pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize("with_buffers", [False, True])
-def test_build_kv_index(page_size, with_buffers):
+@pytest.mark.parametrize("eager", [False, True])
+def test_build_kv_index(page_size, with_buffers, eager, monkeypatch):
+    """Token slots come from SGLang's index kernel where Triton runs (the interpreter
+    here), page ids and the no-Triton case from the eager torch gather: both checked."""
+    if eager:
+        monkeypatch.setattr(ia, "_triton_runs_on", lambda device: False)
     gen = torch.Generator().manual_seed(page_size)
     lens = [37, 0, 16, 1, 70]
     r2t, _ = paged_req_to_token(lens, page_size, 96, gen)
