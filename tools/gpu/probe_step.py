@@ -1,4 +1,4 @@
-"""Two probes behind the serving figures (docs/gpu-runs.md, run 8), printed, not asserted:
+"""Probes behind the serving figures (docs/gpu-runs.md, runs 8 and 9), printed, not asserted:
 
 1. The per-step decode metadata (`patches.int4_attention.build_kv_index` into the CUDA-graph
    buffers, what every graph replay runs first): does it synchronise with the device
@@ -8,7 +8,10 @@
    8192-token INT4 prefix (the long scenario's second chunk) vs torch SDPA over a BF16
    copy of the same prefix.
 
-usage: python tools/gpu/probe_step.py [--bs 32] [--iters 200]
+3. With --prefix-sweep, the prefix kernel's launch configurations (rows, BLOCK_N, warps,
+   stages) at that shape, each against the shipped default.
+
+usage: python tools/gpu/probe_step.py [--bs 32 128] [--iters 200] [--prefix-sweep]
 """
 import argparse
 import os
@@ -79,7 +82,11 @@ def probe_metadata(bs, iters):
     print(f"  same indices: {bool(torch.equal(ref, ind[:total]))}")
 
 
-def probe_prefix():
+SWEEP = [(128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2),
+         (128, 64, 4, 2), (256, 32, 8, 2)]
+
+
+def probe_prefix(sweep=False):
     from triton.testing import do_bench
 
     gen = torch.Generator().manual_seed(0)
@@ -88,7 +95,11 @@ def probe_prefix():
     cache, dk, dv = make_cache(fmt, hkv, [n], 1, gen, spare_pages=64, device="cuda")
     q, qo = make_queries([n], hq, d, gen, device="cuda")
     sm = d ** -0.5
-    ms = do_bench(lambda: prefix_attention(q, qo, *cache, fmt, sm, page_size=1, max_q_len=n))
+
+    def run(**kw):
+        return prefix_attention(q, qo, *cache, fmt, sm, page_size=1, max_q_len=n, **kw)
+
+    ms = do_bench(run)
     kb = torch.stack(dk).to("cuda", torch.bfloat16).transpose(1, 2)
     vb = torch.stack(dv).to("cuda", torch.bfloat16).transpose(1, 2)
     qs = q.view(1, n, hq, d).transpose(1, 2)
@@ -99,14 +110,28 @@ def probe_prefix():
           f"({flops / ms / 1e9:.0f} TFLOP/s); SDPA over a BF16 copy {ms_ref:.3f} ms "
           f"({flops / ms_ref / 1e9:.0f} TFLOP/s): {ms / ms_ref:.2f}x; x 36 layers: "
           f"{36 * ms:.1f} vs {36 * ms_ref:.1f} ms per chunk")
+    if not sweep:
+        return
+    o_ref, _ = run()
+    for rows, bn, warps, stages in SWEEP:
+        kw = dict(block_rows=rows, block_n=bn, num_warps=warps, num_stages=stages)
+        try:
+            o, _ = run(**kw)
+            err = (o.float() - o_ref.float()).abs().max().item()
+            t = do_bench(lambda: run(**kw))
+            print(f"  rows {rows} block_n {bn} warps {warps} stages {stages}: {t:.3f} ms "
+                  f"({ms / t:.2f}x the default), max |o - default| {err:.2e}")
+        except Exception as e:  # out of shared memory / registers: report, go on
+            print(f"  rows {rows} block_n {bn} warps {warps} stages {stages}: failed: {str(e)[:120]}")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bs", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--prefix-sweep", action="store_true")
     a = ap.parse_args()
     print(torch.cuda.get_device_name())
     for bs in a.bs:
         probe_metadata(bs, a.iters)
-    probe_prefix()
+    probe_prefix(a.prefix_sweep)
