@@ -9,8 +9,9 @@
 #       GPU 1, timing (has the GPU to itself): the kernel benchmark (--quick), this tree's
 #              tools/sass/ab_decode.py $AB_ARGS when AB_ARGS is set and no branch is
 #              there, tests/gpu/quantize_speed.py (the write kernel), the serving
-#              sweep (SERVE_ARGS), then an unmerged decode branch's tests/bench/A-B
-#              when $BRANCH_TGZ exists (default /tmp/parts/branch.tgz), and a write-kernel
+#              sweep (SERVE_ARGS), then an unmerged branch's tests/bench/A-B when
+#              $BRANCH_TGZ exists (default /tmp/parts/branch.tgz; BR_TESTS, BR_BENCH and
+#              BR_EXTRA become branch_bench.sh's TESTS, BENCH, EXTRA), and a write-kernel
 #              branch's GPU quantize tests and tests/gpu/quantize_speed.py when $WRITE_TGZ
 #              exists (/tmp/parts/writefast.tgz).
 #   tools/gpu/run_x2.sh wait SECONDS   wait for both chains (exit 0 when both finished)
@@ -47,6 +48,7 @@ case "${1:-}" in
         timeout 300 python3 tests/gpu/quantize_speed.py > $RES/wspeed/quantize_speed.txt 2>&1 ); \
       T_SERVE=${T_SERVE:-1500} SERVE_ARGS='${SERVE_ARGS:---budget}' tools/gpu/run_all.sh $RES/serve --only serve; \
       if [ -f '$br' ]; then \
+        TESTS='${BR_TESTS:-tests/gpu/test_decode_gpu.py}' BENCH=${BR_BENCH:-1} EXTRA='${BR_EXTRA:-}' \
         tools/gpu/branch_bench.sh '$br' $RES/branch ${AB_ARGS:-}; fi; \
       if [ -f '${WRITE_TGZ:-/tmp/parts/writefast.tgz}' ]; then \
         TESTS=tests/gpu/test_quantize_gpu.py BENCH=0 EXTRA=tests/gpu/quantize_speed.py \
@@ -59,5 +61,5 @@ case "${1:-}" in
     cp "$BG"/*.log "$RES/" 2>/dev/null
     tar -czf "$2/x2.tar.gz" -C /tmp x2
     ls -la "$2" ;;
-  *) sed -n '2,19p' "$0"; exit 2 ;;
+  *) sed -n '2,20p' "$0"; exit 2 ;;
 esac
