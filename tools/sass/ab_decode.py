@@ -1,5 +1,8 @@
 """A/B timing of decode_attention knobs on a CUDA GPU at the benchmark shape (32 q / 8 kv
-heads, D=128, K rotated, random slots): each variant against the first, same inputs.
+heads, D=128, K rotated, random slots): each variant against the first, same inputs,
+timed as CUDA-graph replays (saw_sglang.bench.kernels.time_fns) with a preallocated
+output and split workspace, so the figures are kernel time, not Python launch time
+(run 8's plain-loop timing was launch-bound below ~0.2 ms).
 usage: python tools/sass/ab_decode.py [--batch 16 64] [--ctx 8192] [--page 1 16]
        [--variants "block_h=16" "block_h=8" "block_h=4"]"""
 import argparse
@@ -11,7 +14,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../tests"))
 from decode_cases import make_case  # noqa: E402
 from saw_sglang.kernels import reference as ref  # noqa: E402
-from saw_sglang.kernels.decode import decode_attention  # noqa: E402
+from saw_sglang.bench.kernels import time_fns  # noqa: E402
+from saw_sglang.kernels.decode import alloc_workspace, decode_attention, plan_splits  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--batch", type=int, nargs="+", default=[16, 64])
@@ -26,16 +30,13 @@ def parse(v):
     return {k: int(x) for k, x in (kv.split("=") for kv in v.split(","))} if v else {}
 
 
-def time_ms(fn):
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(a.iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / a.iters
+def graphable(case, sm, knobs):
+    """One decode call that allocates nothing (capturable): fixed splits, workspace, out."""
+    b, hq, d = case["q"].shape
+    splits = plan_splits(b, case["k_data"].shape[1], case["fmt"], "cuda", a.ctx)
+    ws = alloc_workspace(b, hq, d, splits, "cuda")
+    out = torch.empty_like(case["q"])
+    return lambda: decode_attention(sm_scale=sm, out=out, workspace=ws, num_splits=splits, **case, **knobs)
 
 
 for page in a.page:
@@ -45,6 +46,6 @@ for page in a.page:
         nbytes = sum(case[k].numel() * case[k].element_size() for k in ("k_data", "k_scales", "v_data", "v_scales"))
         row = []
         for v in a.variants:
-            ms = time_ms(lambda: decode_attention(sm_scale=sm, **case, **parse(v)))
+            ms = time_fns([graphable(case, sm, parse(v))], min_launches=a.iters)
             row.append(f"{v or 'default'} {ms:.4f} ms")
         print(f"page {page} batch {b} ctx {a.ctx} (pool {nbytes / 2**20:.0f} MiB): " + " | ".join(row), flush=True)
