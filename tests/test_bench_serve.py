@@ -129,7 +129,8 @@ def test_full_sweep_writes_results_and_stops_servers(tmp_path, capsys):
     assert len(calls) == 12
     c0 = " ".join(calls[0])
     for part in ("--dataset-name random-ids", "--random-range-ratio 1", "--random-input-len 16",
-                 "--random-output-len 8", "--num-prompts 4", "--max-concurrency 2", "--backend sglang"):
+                 "--random-output-len 8", "--num-prompts 4", "--max-concurrency 2", "--backend sglang",
+                 "--warmup-requests 2"):
         assert part in c0
     assert len(pids(pidfile)) == 8  # 4 servers, each with a child
     assert_all_gone(pidfile)
@@ -313,3 +314,12 @@ def test_profile_points_must_name_planned_points():
     todo = serve.plan(args)
     assert [(m, sc.name, c) for m, sc, c in todo if serve.profiled(args, sc, c)] == \
         [(m, "long", 64) for m in serve.MODES]
+
+
+def test_warmup_requests_follow_concurrency_unless_disabled_or_given():
+    a = serve.build_parser().parse_args(["--model-path", "m"])
+    assert serve.warmup_args(a, 64) == ["--warmup-requests", "64"]
+    a = serve.build_parser().parse_args(["--model-path", "m", "--no-warmup"])
+    assert serve.warmup_args(a, 64) == []
+    a = serve.build_parser().parse_args(["--model-path", "m", "--bench-args", "--warmup-requests 3"])
+    assert serve.warmup_args(a, 64) == []
