@@ -317,9 +317,12 @@ def test_profile_points_must_name_planned_points():
 
 
 def test_warmup_requests_follow_concurrency_unless_disabled_or_given():
+    short, long = serve.Scenario("s", 256, 1024, [32]), serve.Scenario("l", 16384, 1024, [64])
     a = serve.build_parser().parse_args(["--model-path", "m"])
-    assert serve.warmup_args(a, 64) == ["--warmup-requests", "64"]
+    assert serve.warmup_args(a, short, 16) == ["--warmup-requests", "16"]
+    assert serve.warmup_args(a, short, 128) == ["--warmup-requests", "32"]  # 32 x 256 = 8192
+    assert serve.warmup_args(a, long, 64) == ["--warmup-requests", "1"]
     a = serve.build_parser().parse_args(["--model-path", "m", "--no-warmup"])
-    assert serve.warmup_args(a, 64) == []
+    assert serve.warmup_args(a, short, 64) == []
     a = serve.build_parser().parse_args(["--model-path", "m", "--bench-args", "--warmup-requests 3"])
-    assert serve.warmup_args(a, 64) == []
+    assert serve.warmup_args(a, short, 64) == []

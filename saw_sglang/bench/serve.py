@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="client command; sweep flags are appended")
     p.add_argument("--bench-args", default="", help="extra args for every bench_serving run")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
-                   help="skip the per-point warm-up (bench_serving --warmup-requests = concurrency)")
+                   help="skip the per-point warm-up (bench_serving --warmup-requests: the concurrency, capped at 8192 prompt tokens)")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for /health")
     p.add_argument("--point-timeout", type=float, default=1800.0, help="seconds per bench run")
     p.add_argument("--no-plot", action="store_true")
@@ -190,17 +190,22 @@ def bench_cmd(args, sc: Scenario, conc: int, n: int, port: int, out_file: str) -
         "--model", args.model_path, "--dataset-name", "random-ids", "--random-range-ratio", "1",
         "--random-input-len", str(sc.input_len), "--random-output-len", str(sc.output_len),
         "--num-prompts", str(n), "--max-concurrency", str(conc), "--output-file", out_file,
-    ] + warmup_args(args, conc) + shlex.split(args.bench_args)
+    ] + warmup_args(args, sc, conc) + shlex.split(args.bench_args)
 
 
-def warmup_args(args, conc: int) -> List[str]:
-    """bench_serving's own warm-up (short requests on one prompt, cache flushed after) with
-    as many requests as the point's concurrency: the first point after a server start then
-    does not carry one-time costs (run 8: the INT4 servers' TTFT at their first point was
-    2x that of their second). Left to --bench-args when it names --warmup-requests."""
+WARMUP_TOKENS = 8192  # one prefill chunk of prompts at most
+
+
+def warmup_args(args, sc: Scenario, conc: int) -> List[str]:
+    """bench_serving's own warm-up (short requests on one prompt, cache flushed after),
+    as many requests as the concurrency while their prompts fit one 8192-token prefill
+    (at least one: a long prompt's chunks already take the prefix path): the first point
+    after a server start then does not carry one-time costs (run 8: the INT4 servers'
+    TTFT at their first point was 2x their second's). Left to --bench-args when it names
+    --warmup-requests."""
     if not getattr(args, "warmup", True) or "--warmup-requests" in args.bench_args:
         return []
-    return ["--warmup-requests", str(conc)]
+    return ["--warmup-requests", str(min(conc, max(1, WARMUP_TOKENS // sc.input_len)))]
 
 
 def run_client(cmd: List[str], log_path: str, timeout_s: float) -> int:
