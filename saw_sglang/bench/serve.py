@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="client command; sweep flags are appended")
     p.add_argument("--bench-args", default="", help="extra args for every bench_serving run")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
-                   help="skip the per-point warm-up (bench_serving --warmup-requests: the concurrency, capped at 8192 prompt tokens)")
+                   help="skip the per-point warm-up (bench_serving --warmup-requests: the "
+                        "concurrency, capped at 8192 prompt tokens)")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for /health")
     p.add_argument("--point-timeout", type=float, default=1800.0, help="seconds per bench run")
     p.add_argument("--no-plot", action="store_true")
