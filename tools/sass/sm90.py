@@ -14,7 +14,11 @@ from triton.compiler import ASTSource
 OPCODE = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
 
 
-def signature(names, const, ptrs, floats, aligned=lambda name: name.startswith("stride")):
+def _strides(name):
+    return name.startswith("stride")
+
+
+def signature(names, const, ptrs, floats, aligned=_strides):
     """Triton signature and attributes: pointers and `aligned` ints 16-divisible (what the
     launcher specialises on for real buffers), other ints i32, `floats` fp32."""
     sig, attrs = {}, {}
@@ -33,9 +37,9 @@ def signature(names, const, ptrs, floats, aligned=lambda name: name.startswith("
     return sig, attrs
 
 
-def report(fn, const, ptrs, floats, warps, stages, dump=False, aligned=None):
+def report(fn, const, ptrs, floats, warps, stages, dump=False, aligned=_strides):
     names = fn.arg_names
-    sig, attrs = signature(names, const, ptrs, floats, *(() if aligned is None else (aligned,)))
+    sig, attrs = signature(names, const, ptrs, floats, aligned)
     src = ASTSource(fn=fn, signature=sig, attrs=attrs,
                     constexprs={(names.index(k),): v for k, v in const.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
