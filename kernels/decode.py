@@ -64,6 +64,8 @@ def get_config(head_dim: int, group_size: int) -> dict:
 class DecodeWorkspace:
     mid_o: torch.Tensor  # fp32 [B, Hq, S, D], split outputs (normalised, channel order)
     mid_lse: torch.Tensor  # fp32 [B, Hq, S], split log2-sum-exp
+    q_prep: torch.Tensor | None = None  # fp16 [B, Hq, D], q' of the tensor-core kernel
+    q_sums: torch.Tensor | None = None  # fp32 [B, Hq, 2], (sum q', 1024 bias) per head
 
     @property
     def max_splits(self) -> int:
@@ -73,7 +75,9 @@ class DecodeWorkspace:
 def alloc_workspace(max_batch, num_q_heads, head_dim, max_splits=MAX_SPLITS, device="cuda"):
     mid_o = torch.empty(max_batch, num_q_heads, max_splits, head_dim, dtype=torch.float32, device=device)
     mid_lse = torch.empty(max_batch, num_q_heads, max_splits, dtype=torch.float32, device=device)
-    return DecodeWorkspace(mid_o, mid_lse)
+    q_prep = torch.empty(max_batch, num_q_heads, head_dim, dtype=torch.float16, device=device)
+    q_sums = torch.empty(max_batch, num_q_heads, 2, dtype=torch.float32, device=device)
+    return DecodeWorkspace(mid_o, mid_lse, q_prep, q_sums)
 
 
 _SM_COUNT: dict = {}
@@ -126,9 +130,10 @@ def _hadamard_signs(rows, cols, BS: tl.constexpr, LOG_BS: tl.constexpr):
 
 
 @triton.jit
-def _split_len(kv_len, NUM_SPLITS, BLOCK_N: tl.constexpr):
-    """Tokens per split (a BLOCK_N multiple): the split and reduce kernels must agree."""
-    return tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+def _split_len(kv_len, NUM_SPLITS, BLOCK_N: tl.constexpr, MIN_BLOCKS: tl.constexpr = 1):
+    """Tokens per split (a BLOCK_N multiple, at least MIN_BLOCKS blocks): the split and
+    reduce kernels must agree (decode_mma.decode_split_kernel computes the same)."""
+    return tl.maximum(tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N), MIN_BLOCKS) * BLOCK_N
 
 
 @triton.jit
@@ -496,14 +501,14 @@ def _decode_reduce_kernel(
     NUM_SPLITS,
     GQA: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, GS: tl.constexpr,
     BS: tl.constexpr, LOG_BS: tl.constexpr, CH: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROT_V: tl.constexpr,
+    ROT_V: tl.constexpr, MIN_BLOCKS: tl.constexpr = 1,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1)
     HALF: tl.constexpr = D // 2
     GH: tl.constexpr = GS // 2
     kv_len = tl.load(lens_ptr + b)
-    split_len = _split_len(kv_len, NUM_SPLITS, BLOCK_N)
+    split_len = _split_len(kv_len, NUM_SPLITS, BLOCK_N, MIN_BLOCKS)
     n_act = tl.cdiv(kv_len, tl.maximum(split_len, 1))
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -533,6 +538,42 @@ def _decode_reduce_kernel(
     inv_l = tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
     _store_out(out_ptr + b * stride_ob + qh * stride_oh, acc_lo * inv_l[:, None],
                acc_hi * inv_l[:, None], hmask, c_lo, c_hi, ROT_V, D, HALF, BS, LOG_BS, CH, inv_sqrt_bs)
+
+
+@triton.jit
+def _decode_prep_kernel(
+    q_ptr, qp_ptr, qs_ptr, qk_scale, inv_sqrt_bs,
+    stride_qb, stride_qh, stride_pb, stride_ph, stride_sb, HQ,
+    D: tl.constexpr, BLOCK_H: tl.constexpr, BS: tl.constexpr, LOG_BS: tl.constexpr,
+    ROT_K: tl.constexpr,
+):
+    """q -> q' for decode_mma: (q . H_B) * qk_scale as fp16 planes (channels [0, D/2) and
+    [D/2, D) / 16, the high nibble arriving as 16 n), sum(q') and 1024 sum(q' planes)."""
+    b = tl.program_id(0)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = offs_h < HQ
+    HALF: tl.constexpr = D // 2
+    c_lo = tl.arange(0, HALF)
+    c_hi = HALF + c_lo
+    row = q_ptr + b * stride_qb + offs_h[:, None] * stride_qh
+    if ROT_K:
+        offs_d = tl.arange(0, D)
+        x = tl.load(row + offs_d[None, :], mask=hmask[:, None], other=0.0).to(tl.float16)
+        lo = tl.dot(x, _hadamard_signs(offs_d, c_lo, BS, LOG_BS)) * (inv_sqrt_bs * qk_scale)
+        hi = tl.dot(x, _hadamard_signs(offs_d, c_hi, BS, LOG_BS)) * (inv_sqrt_bs * qk_scale)
+    else:
+        lo = tl.load(row + c_lo[None, :], mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
+        hi = tl.load(row + c_hi[None, :], mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
+    lo = lo.to(tl.float16)
+    hi = hi.to(tl.float16)
+    hi16 = hi * 0.0625  # exact: a power of two
+    out = qp_ptr + b * stride_pb + offs_h[:, None] * stride_ph
+    tl.store(out + c_lo[None, :], lo, mask=hmask[:, None])
+    tl.store(out + c_hi[None, :], hi16, mask=hmask[:, None])
+    sum_lo = tl.sum(lo.to(tl.float32), 1)
+    sums = qs_ptr + b * stride_sb + offs_h * 2
+    tl.store(sums, sum_lo + tl.sum(hi.to(tl.float32), 1), mask=hmask)
+    tl.store(sums + 1, 1024.0 * (sum_lo + tl.sum(hi16.to(tl.float32), 1)), mask=hmask)
 
 
 # --------------------------------------------------------------------------------------
@@ -570,6 +611,94 @@ def _check(q, k_data, k_scales, v_data, v_scales, fmt: Int4KVFormat):
     return b, hq, hkv, d
 
 
+# Tensor-core kernel (decode_mma, Gluon) per head_dim: tokens per block, 1-warp programs
+# per SM the split policy aims at, and the least number of blocks a split holds.
+MMA_CONFIGS: dict[int, dict] = {
+    64: dict(block_n=64, waves=12, min_blocks=4, stages=3, swizzle=(16, 1)),
+    128: dict(block_n=64, waves=12, min_blocks=4, stages=3, swizzle=(16, 4)),
+    256: dict(block_n=32, waves=12, min_blocks=8, stages=3, swizzle=(32, 4)),
+}
+MMA_MAX_SPLITS = 256
+
+
+def mma_supported(q, fmt: Int4KVFormat, gqa: int) -> bool:
+    """The tensor-core kernel runs on CUDA sm_80+ (not the interpreter) for whole-head
+    groups, head_dim 64/128/256 and up to 16 query heads per KV head."""
+    return (q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+            and os.environ.get("SAW_INT4_DECODE_IMPL", "") != "triton"
+            and fmt.num_groups == 1 and fmt.head_dim in MMA_CONFIGS and gqa <= 16
+            and torch.cuda.get_device_capability(q.device)[0] >= 8)
+
+
+def plan_mma_splits(batch, num_kv_heads, head_dim, device, max_kv_len=None, waves=None) -> int:
+    cfg = MMA_CONFIGS[head_dim]
+    return choose_num_splits(batch, num_kv_heads, num_sms(device), waves or cfg["waves"], max_kv_len,
+                             cfg["block_n"], cfg["min_blocks"], MMA_MAX_SPLITS)
+
+
+def prepare_query(q, fmt: Int4KVFormat, sm_scale: float, logit_cap: float, q_prep, q_sums):
+    """q [B, Hq, D] -> q_prep (fp16 q' planes) and q_sums (sum q', 1024 bias) in place."""
+    bsz, hq, d = q.shape
+    bs = fmt.block_size
+    block_h = max(16, min(64, triton.next_power_of_2(hq)))
+    qk_scale = sm_scale if logit_cap > 0 else sm_scale * 1.4426950408889634
+    _decode_prep_kernel[(bsz, triton.cdiv(hq, block_h))](
+        q, q_prep, q_sums, float(qk_scale), 1.0 / math.sqrt(bs),
+        q.stride(0), q.stride(1), q_prep.stride(0), q_prep.stride(1), q_sums.stride(0), hq,
+        D=d, BLOCK_H=block_h, BS=bs, LOG_BS=int(math.log2(bs)), ROT_K=fmt.k_rotated,
+        num_warps=4,
+    )
+
+
+def _decode_mma(q, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv_lens, fmt,
+                sm_scale, page_size, logit_cap, out, workspace, num_splits, max_kv_len,
+                block_n=None, waves=None, min_blocks=None, stages=None):
+    from .decode_mma import decode_split_kernel
+
+    bsz, hq, d = q.shape
+    hkv = k_data.shape[1]
+    gqa = hq // hkv
+    cfg = MMA_CONFIGS[d]
+    block_n = block_n or cfg["block_n"]
+    min_blocks = min_blocks or cfg["min_blocks"]
+    stages = stages or cfg["stages"]
+    if num_splits is None:
+        num_splits = choose_num_splits(bsz, hkv, num_sms(q.device), waves or cfg["waves"], max_kv_len,
+                                       block_n, min_blocks,
+                                       workspace.max_splits if workspace else MMA_MAX_SPLITS)
+    num_splits = int(num_splits)
+    if workspace is None:
+        workspace = alloc_workspace(bsz, hq, d, num_splits, q.device)
+    ws = workspace
+    if (ws.max_splits < num_splits or ws.mid_o.shape[0] < bsz or ws.mid_o.shape[1] != hq
+            or ws.mid_o.shape[3] != d or ws.q_prep is None):
+        raise ValueError(f"workspace {tuple(ws.mid_o.shape)} too small for batch {bsz}, "
+                         f"{hq} heads, D {d}, {num_splits} splits")
+    prepare_query(q, fmt, sm_scale, logit_cap, ws.q_prep, ws.q_sums)
+    # 32-bit byte offsets unless a buffer is too large for them
+    off64 = max(k_data.numel(), v_data.numel(), k_scales.numel(), v_scales.numel()) >= 2**31
+    decode_split_kernel[(hkv, num_splits, bsz)](
+        ws.q_prep, ws.q_sums, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv_lens,
+        ws.mid_o, ws.mid_lse, float(logit_cap),
+        ws.q_prep.stride(0), ws.q_prep.stride(1), ws.q_sums.stride(0),
+        k_data.stride(0), k_data.stride(1), k_scales.stride(0), k_scales.stride(1),
+        v_data.stride(0), v_data.stride(1), v_scales.stride(0), v_scales.stride(1),
+        *ws.mid_o.stride()[:3], *ws.mid_lse.stride()[:2], num_splits,
+        GQA=gqa, NH=max(8, triton.next_power_of_2(gqa)), D=d, PAGE=int(page_size), BLOCK_N=block_n,
+        CAP=logit_cap > 0, OFF64=off64, MIN_BLOCKS=min_blocks, STAGES=stages,
+        SWZ_VEC=cfg["swizzle"][0], SWZ_PHASES=cfg["swizzle"][1], num_warps=1,
+    )
+    bs = fmt.block_size
+    _decode_reduce_kernel[(hkv, bsz)](
+        out, ws.mid_o, ws.mid_lse, kv_lens, 1.0 / math.sqrt(bs),
+        out.stride(0), out.stride(1), *ws.mid_o.stride()[:3], *ws.mid_lse.stride()[:2], num_splits,
+        GQA=gqa, BLOCK_H=max(16, triton.next_power_of_2(gqa)), D=d, GS=d, BS=bs,
+        LOG_BS=int(math.log2(bs)), CH=min(d, 64), BLOCK_N=block_n, ROT_V=fmt.v_rotated,
+        MIN_BLOCKS=min_blocks, num_warps=4, num_stages=2,
+    )
+    return out
+
+
 def decode_attention(
     q, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv_lens,
     fmt: Int4KVFormat, sm_scale: float, page_size: int = 1, logit_cap: float = 0.0,
@@ -577,7 +706,8 @@ def decode_attention(
     max_kv_len: int | None = None, block_n: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, waves: int | None = None,
     prefetch: bool | None = None, asm: bool | None = None, block_h: int | None = None,
-    qk_int8: bool = False, pv_int8: bool = False,
+    qk_int8: bool = False, pv_int8: bool = False, impl: str | None = None, min_blocks: int | None = None,
+    stages: int | None = None,
 ):
     """INT4 paged decode attention. q [B, Hq, D] (original basis) -> out [B, Hq, D] q.dtype.
 
@@ -591,6 +721,16 @@ def decode_attention(
     head groups) also runs P.V on the integer tensor cores: p * scale_v rounded to int8
     per block (step = the block's largest V scale / 127)."""
     bsz, hq, hkv, d = _check(q, k_data, k_scales, v_data, v_scales, fmt)
+    if impl is None:
+        impl = "mma" if not (qk_int8 or pv_int8) and mma_supported(q, fmt, hq // hkv) else "triton"
+    if impl == "mma":
+        if out is None:
+            out = torch.empty_like(q)
+        if bsz == 0:
+            return out
+        return _decode_mma(q, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv_lens, fmt,
+                           sm_scale, page_size, logit_cap, out, workspace, num_splits, max_kv_len,
+                           block_n=block_n, waves=waves, min_blocks=min_blocks, stages=stages)
     if (qk_int8 or pv_int8) and fmt.num_groups != 1:
         raise ValueError(f"qk_int8 / pv_int8 need one group per head (group_size {fmt.group_size} != head_dim {d})")
     cfg = get_config(d, fmt.group_size)
