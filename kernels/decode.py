@@ -576,6 +576,51 @@ def _decode_prep_kernel(
     tl.store(sums + 1, 1024.0 * (sum_lo + tl.sum(hi16.to(tl.float32), 1)), mask=hmask)
 
 
+@triton.jit
+def _decode_merge_kernel(
+    out_ptr, mid_o_ptr, mid_lse_ptr, lens_ptr, inv_sqrt_bs,
+    stride_ob, stride_oh, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
+    NUM_SPLITS, D: tl.constexpr, D_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+    MIN_BLOCKS: tl.constexpr, S_CHUNK: tl.constexpr, BS: tl.constexpr, LOG_BS: tl.constexpr,
+    ROT_V: tl.constexpr,
+):
+    """D_CHUNK channels of one query head of one request: the active splits' partial
+    outputs merged by their log2-sum-exp, S_CHUNK splits per step (all of them in one step
+    up to S_CHUNK); rotated back into the original basis when V was rotated (then
+    D_CHUNK = D)."""
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    c0 = tl.program_id(2) * D_CHUNK
+    kv_len = tl.load(lens_ptr + b)
+    n_act = tl.cdiv(kv_len, _split_len(kv_len, NUM_SPLITS, BLOCK_N, MIN_BLOCKS))
+    offs_s = tl.arange(0, S_CHUNK)
+    offs_d = c0 + tl.arange(0, D_CHUNK)
+    mo = mid_o_ptr + b * stride_mo_b + h * stride_mo_h
+    ml = mid_lse_ptr + b * stride_ml_b + h * stride_ml_h
+    m_i = tl.max(tl.full([S_CHUNK], float("-inf"), tl.float32), 0)
+    l_i = tl.sum(tl.zeros([S_CHUNK], tl.float32), 0)
+    acc = tl.zeros([D_CHUNK], dtype=tl.float32)
+    for s0 in range(0, n_act, S_CHUNK):
+        smask = s0 + offs_s < n_act
+        lse = tl.load(ml + s0 + offs_s, mask=smask, other=float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(lse, 0))
+        alpha = tl.exp2(m_i - m_new)
+        w = tl.exp2(lse - m_new)
+        o = tl.load(mo + (s0 + offs_s)[:, None] * stride_mo_s + offs_d[None, :], mask=smask[:, None], other=0.0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        l_i = l_i * alpha + tl.sum(w, 0)
+        m_i = m_new
+    o = acc * tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
+    out = out_ptr + b * stride_ob + h * stride_oh
+    if ROT_V:
+        for cb in tl.static_range(D // 64):
+            cols = cb * 64 + tl.arange(0, 64)
+            sg = _hadamard_signs(offs_d, cols, BS, LOG_BS).to(tl.float32)
+            tl.store(out + cols, (tl.sum(o[:, None] * sg, 0) * inv_sqrt_bs).to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(out + offs_d, o.to(out_ptr.dtype.element_ty))
+
+
 # --------------------------------------------------------------------------------------
 def _use_asm(q) -> bool:
     """Inline PTX only on a real CUDA device (the Triton interpreter cannot run it);
@@ -614,9 +659,9 @@ def _check(q, k_data, k_scales, v_data, v_scales, fmt: Int4KVFormat):
 # Tensor-core kernel (decode_mma, Gluon) per head_dim: tokens per block, 1-warp programs
 # per SM the split policy aims at, and the least number of blocks a split holds.
 MMA_CONFIGS: dict[int, dict] = {
-    64: dict(block_n=64, waves=12, min_blocks=4, stages=3, swizzle=(16, 1)),
-    128: dict(block_n=64, waves=12, min_blocks=4, stages=3, swizzle=(16, 4)),
-    256: dict(block_n=32, waves=12, min_blocks=8, stages=3, swizzle=(32, 4)),
+    64: dict(block_n=64, waves=2, min_blocks=4, stages=3, swizzle=(16, 1), heads=4),
+    128: dict(block_n=32, waves=2, min_blocks=4, stages=3, swizzle=(16, 4), heads=4),
+    256: dict(block_n=32, waves=3, min_blocks=4, stages=3, swizzle=(32, 4), heads=4),
 }
 MMA_MAX_SPLITS = 256
 
@@ -628,6 +673,16 @@ def mma_supported(q, fmt: Int4KVFormat, gqa: int) -> bool:
             and os.environ.get("SAW_INT4_DECODE_IMPL", "") != "triton"
             and fmt.num_groups == 1 and fmt.head_dim in MMA_CONFIGS and gqa <= 16
             and torch.cuda.get_device_capability(q.device)[0] >= 8)
+
+
+def head_group(num_kv_heads: int, most: int) -> int:
+    """KV heads per program (one warp each): the largest power of two <= most dividing
+    num_kv_heads. Their rows lie side by side in the pool, so a program's copies of one
+    token are one contiguous run."""
+    g = 1
+    while g * 2 <= most and num_kv_heads % (g * 2) == 0:
+        g *= 2
+    return g
 
 
 def plan_mma_splits(batch, num_kv_heads, head_dim, device, max_kv_len=None, waves=None) -> int:
@@ -652,7 +707,7 @@ def prepare_query(q, fmt: Int4KVFormat, sm_scale: float, logit_cap: float, q_pre
 
 def _decode_mma(q, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv_lens, fmt,
                 sm_scale, page_size, logit_cap, out, workspace, num_splits, max_kv_len,
-                block_n=None, waves=None, min_blocks=None, stages=None):
+                block_n=None, waves=None, min_blocks=None, stages=None, heads=None, maxnreg=None):
     from .decode_mma import decode_split_kernel
 
     bsz, hq, d = q.shape
@@ -662,8 +717,9 @@ def _decode_mma(q, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv
     block_n = block_n or cfg["block_n"]
     min_blocks = min_blocks or cfg["min_blocks"]
     stages = stages or cfg["stages"]
+    hg = head_group(hkv, heads or cfg["heads"])
     if num_splits is None:
-        num_splits = choose_num_splits(bsz, hkv, num_sms(q.device), waves or cfg["waves"], max_kv_len,
+        num_splits = choose_num_splits(bsz, hkv // hg, num_sms(q.device), waves or cfg["waves"], max_kv_len,
                                        block_n, min_blocks,
                                        workspace.max_splits if workspace else MMA_MAX_SPLITS)
     num_splits = int(num_splits)
@@ -675,26 +731,33 @@ def _decode_mma(q, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv
         raise ValueError(f"workspace {tuple(ws.mid_o.shape)} too small for batch {bsz}, "
                          f"{hq} heads, D {d}, {num_splits} splits")
     prepare_query(q, fmt, sm_scale, logit_cap, ws.q_prep, ws.q_sums)
+    # one split and V not rotated: the split kernel writes the output itself
+    direct = num_splits == 1 and not fmt.v_rotated
     # 32-bit byte offsets unless a buffer is too large for them
     off64 = max(k_data.numel(), v_data.numel(), k_scales.numel(), v_scales.numel()) >= 2**31
-    decode_split_kernel[(hkv, num_splits, bsz)](
+    decode_split_kernel[(hkv // hg, num_splits, bsz)](
         ws.q_prep, ws.q_sums, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv_lens,
-        ws.mid_o, ws.mid_lse, float(logit_cap),
+        out if direct else ws.mid_o, ws.mid_lse, float(logit_cap),
         ws.q_prep.stride(0), ws.q_prep.stride(1), ws.q_sums.stride(0),
         k_data.stride(0), k_data.stride(1), k_scales.stride(0), k_scales.stride(1),
         v_data.stride(0), v_data.stride(1), v_scales.stride(0), v_scales.stride(1),
-        *ws.mid_o.stride()[:3], *ws.mid_lse.stride()[:2], num_splits,
-        GQA=gqa, NH=max(8, triton.next_power_of_2(gqa)), D=d, PAGE=int(page_size), BLOCK_N=block_n,
+        *((out.stride(0), out.stride(1), 0) if direct else ws.mid_o.stride()[:3]),
+        *ws.mid_lse.stride()[:2], num_splits,
+        HG=hg, GQA=gqa, NH=max(8, triton.next_power_of_2(gqa)), D=d, PAGE=int(page_size), BLOCK_N=block_n,
         CAP=logit_cap > 0, OFF64=off64, MIN_BLOCKS=min_blocks, STAGES=stages,
-        SWZ_VEC=cfg["swizzle"][0], SWZ_PHASES=cfg["swizzle"][1], num_warps=1,
+        SWZ_VEC=cfg["swizzle"][0], SWZ_PHASES=cfg["swizzle"][1], DIRECT=direct, num_warps=hg,
+        **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     bs = fmt.block_size
-    _decode_reduce_kernel[(hkv, bsz)](
+    if direct:
+        return out
+    d_chunk = d if fmt.v_rotated else 32
+    s_chunk = min(128, triton.next_power_of_2(num_splits)) if d_chunk == 32 else 16
+    _decode_merge_kernel[(hq, bsz, d // d_chunk)](
         out, ws.mid_o, ws.mid_lse, kv_lens, 1.0 / math.sqrt(bs),
         out.stride(0), out.stride(1), *ws.mid_o.stride()[:3], *ws.mid_lse.stride()[:2], num_splits,
-        GQA=gqa, BLOCK_H=max(16, triton.next_power_of_2(gqa)), D=d, GS=d, BS=bs,
-        LOG_BS=int(math.log2(bs)), CH=min(d, 64), BLOCK_N=block_n, ROT_V=fmt.v_rotated,
-        MIN_BLOCKS=min_blocks, num_warps=4, num_stages=2,
+        D=d, D_CHUNK=d_chunk, BLOCK_N=block_n, MIN_BLOCKS=min_blocks, S_CHUNK=s_chunk, BS=bs,
+        LOG_BS=int(math.log2(bs)), ROT_V=fmt.v_rotated, num_warps=4,
     )
     return out
 
@@ -707,7 +770,7 @@ def decode_attention(
     num_stages: int | None = None, waves: int | None = None,
     prefetch: bool | None = None, asm: bool | None = None, block_h: int | None = None,
     qk_int8: bool = False, pv_int8: bool = False, impl: str | None = None, min_blocks: int | None = None,
-    stages: int | None = None,
+    stages: int | None = None, heads: int | None = None, maxnreg: int | None = None,
 ):
     """INT4 paged decode attention. q [B, Hq, D] (original basis) -> out [B, Hq, D] q.dtype.
 
@@ -730,7 +793,8 @@ def decode_attention(
             return out
         return _decode_mma(q, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv_lens, fmt,
                            sm_scale, page_size, logit_cap, out, workspace, num_splits, max_kv_len,
-                           block_n=block_n, waves=waves, min_blocks=min_blocks, stages=stages)
+                           block_n=block_n, waves=waves, min_blocks=min_blocks, stages=stages,
+                           heads=heads, maxnreg=maxnreg)
     if (qk_int8 or pv_int8) and fmt.num_groups != 1:
         raise ValueError(f"qk_int8 / pv_int8 need one group per head (group_size {fmt.group_size} != head_dim {d})")
     cfg = get_config(d, fmt.group_size)
