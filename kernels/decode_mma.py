@@ -38,7 +38,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 # 4 packed bytes -> both code planes, bias kept (see decode._ASM_PAIR)
-from .decode import _ASM_PAIR_BIASED
+from .decode_triton import _ASM_PAIR_BIASED
 
 # one 4-byte (scale, min) fp16 pair -> two fp32
 _ASM_SCALE_MIN = gl.constexpr("""{

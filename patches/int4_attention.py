@@ -301,11 +301,11 @@ def torch_merge_state(o1, s1, o2, s2, base2: bool = False):
 
 def eager_decode_plan(pool, bs, num_q_heads, num_kv_heads, max_kv_len, device):
     """(split count, workspace) for one eager decode step, shared by every layer: the
-    kernel then allocates nothing per layer."""
+    kernels then allocate nothing per layer."""
     fmt = pool_format(pool)
     dec = decode_kernel_module()
-    s = dec.plan_splits(bs, num_kv_heads, fmt, device, max_kv_len)
-    return s, (dec.alloc_workspace(bs, num_q_heads, fmt.head_dim, s, device) if s > 1 else None)
+    s = dec.plan_splits(bs, num_kv_heads, fmt, device, max_kv_len, num_q_heads)
+    return s, dec.alloc_workspace(bs, num_q_heads, fmt.head_dim, s, device)
 
 
 # ---------------------------------------------------------------------------------
@@ -328,10 +328,11 @@ class DecodeGraphState:
         self.max_bs = max_bs
         self.splits: dict[int, int] = {}
         self.workspaces: dict[int, object] = {}
-        self._flat_o = self._flat_lse = None
+        self._flat = None
 
     def num_splits(self, bs: int) -> int:
-        return decode_kernel_module().plan_splits(bs, self.num_kv_heads, self.fmt, self.device)
+        return decode_kernel_module().plan_splits(bs, self.num_kv_heads, self.fmt, self.device,
+                                                  num_q_heads=self.num_q_heads)
 
     def prepare(self, bs: int):
         """Fix the split count and workspace of batch size `bs` (at capture)."""
@@ -339,18 +340,23 @@ class DecodeGraphState:
             return
         s = self.num_splits(bs)
         self.splits[bs] = s
-        self.workspaces[bs] = self._workspace(bs, s) if s > 1 else None
+        self.workspaces[bs] = self._workspace(bs, s)
 
     def _workspace(self, bs, s):
         Workspace = decode_kernel_module().DecodeWorkspace
         hq, d = self.num_q_heads, self.head_dim
-        if self._flat_o is None:
-            # One buffer for every batch size: sized for the largest bs * splits.
+        if self._flat is None:
+            # One set of buffers for every batch size: the split part sized for the
+            # largest bs * splits, the query part for the largest batch.
             rows = max(b * self.num_splits(b) for b in range(1, self.max_bs + 1))
-            self._flat_o = torch.empty(rows * hq * d, dtype=torch.float32, device=self.device)
-            self._flat_lse = torch.empty(rows * hq, dtype=torch.float32, device=self.device)
+            f32 = dict(dtype=torch.float32, device=self.device)
+            self._flat = (torch.empty(rows * hq * d, **f32), torch.empty(rows * hq, **f32),
+                          torch.empty(self.max_bs * hq * d, dtype=torch.float16, device=self.device),
+                          torch.empty(self.max_bs * hq * 2, **f32))
+        o, lse, qp, qs = self._flat
         n = bs * hq * s
-        return Workspace(self._flat_o[: n * d].view(bs, hq, s, d), self._flat_lse[:n].view(bs, hq, s))
+        return Workspace(o[: n * d].view(bs, hq, s, d), lse[:n].view(bs, hq, s),
+                         qp[: bs * hq * d].view(bs, hq, d), qs[: bs * hq * 2].view(bs, hq, 2))
 
     def fill(self, req_to_token, req_pool_indices, seq_lens, bs: int, total: Optional[int] = None) -> KVIndex:
         """Refresh the buffers in place for a batch padded to `bs` (outside the graph)."""

@@ -87,20 +87,14 @@ def ref_kernels(monkeypatch):
         calls["prefix"] += 1
         return ref.prefix_attention_ref(*a, **k)
 
-    class Workspace:
-        def __init__(self, mid_o, mid_lse):
-            self.mid_o, self.mid_lse = mid_o, mid_lse
+    from saw_sglang.kernels.decode import DecodeWorkspace, alloc_workspace
 
-    # stand-in for saw_sglang.kernels.decode's split policy and workspace type
-    def plan_splits(bs, hkv, fmt, device, max_kv_len=None):
+    # the real workspace; a split policy with few programs (the interpreter is slow)
+    def plan_splits(bs, hkv, fmt, device, max_kv_len=None, num_q_heads=None):
         return max(1, 8 // (bs * hkv))
 
-    fake_dec = types.SimpleNamespace(
-        plan_splits=plan_splits,
-        alloc_workspace=lambda bs, hq, d, s, device: Workspace(
-            torch.empty(bs, hq, s, d, device=device), torch.empty(bs, hq, s, device=device)),
-        DecodeWorkspace=Workspace,
-    )
+    fake_dec = types.SimpleNamespace(plan_splits=plan_splits, alloc_workspace=alloc_workspace,
+                                     DecodeWorkspace=DecodeWorkspace)
     monkeypatch.setattr(ia, "decode_kernel", lambda: dec)
     monkeypatch.setattr(ia, "prefix_kernel", lambda: pre)
     monkeypatch.setattr(ia, "decode_kernel_module", lambda: fake_dec)
