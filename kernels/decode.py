@@ -208,7 +208,7 @@ def _decode_prep_kernel(
     tl.store(sums + 1, 1024.0 * (sum_lo + tl.sum(hi16.to(tl.float32), 1)), mask=hmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['NUM_SPLITS', 'stride_ob', 'stride_oh', 'stride_mo_b', 'stride_mo_h', 'stride_mo_s', 'stride_ml_b', 'stride_ml_h'])
 def _decode_merge_kernel(
     out_ptr, mid_o_ptr, mid_lse_ptr, lens_ptr, inv_sqrt_bs,
     stride_ob, stride_oh, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
@@ -300,7 +300,7 @@ def merge_splits(out, ws: DecodeWorkspace, kv_lens, fmt: Int4KVFormat, num_split
     bsz, hq, d = out.shape
     bs = fmt.block_size
     d_chunk = d if fmt.v_rotated else 32
-    s_chunk = min(128, triton.next_power_of_2(num_splits)) if d_chunk == 32 else 16
+    s_chunk = 32 if d_chunk == 32 else 16  # fixed: one compiled variant for any split count
     _decode_merge_kernel[(hq, bsz, d // d_chunk)](
         out, ws.mid_o, ws.mid_lse, kv_lens, 1.0 / math.sqrt(bs),
         out.stride(0), out.stride(1), *ws.mid_o.stride()[:3], *ws.mid_lse.stride()[:2], num_splits,

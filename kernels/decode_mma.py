@@ -174,7 +174,7 @@ def _attend_block(kc, vc, kw, vw, q_lo, q_hi, s_init, sum_q, m_i, l_i, z_i, a_i,
     return m_new, l_i, z_i, a_i, o_lo, o_hi
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=['NUM_SPLITS', 'stride_mo_b', 'stride_mo_h', 'stride_mo_s', 'stride_ml_b', 'stride_ml_h'])
 def decode_split_kernel(
     qp_ptr, qs_ptr, kd_ptr, ks_ptr, vd_ptr, vs_ptr, indptr_ptr, indices_ptr, lens_ptr,
     mid_o_ptr, mid_lse_ptr, logit_cap,

@@ -234,7 +234,7 @@ def _store_out(o_ptrs_base, o_lo, o_hi, hmask, c_lo, c_hi,
         tl.store(o_ptrs_base[:, None] + c_hi[None, :], o_hi.to(dt), mask=hmask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['NUM_SPLITS', 'stride_mo_b', 'stride_mo_h', 'stride_mo_s', 'stride_ml_b', 'stride_ml_h'])
 def _decode_split_kernel(
     q_ptr, kd_ptr, ks_ptr, vd_ptr, vs_ptr, indptr_ptr, indices_ptr, lens_ptr,
     out_ptr, mid_o_ptr, mid_lse_ptr,

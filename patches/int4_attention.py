@@ -17,6 +17,7 @@ import functools
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -46,6 +47,31 @@ def decode_kernel_module():
     from saw_sglang.kernels import decode
 
     return decode
+
+
+def dequantize_kernel():
+    from saw_sglang.kernels.quantize import dequantize
+
+    return dequantize
+
+
+def warm_up_kernels(runner, pool, num_q_heads: int, num_kv_heads: int) -> None:
+    """Compile our kernels for this model before the first request (see kernels.warmup):
+    the server reports ready only after the backends are built."""
+    from saw_sglang.kernels.warmup import compiled_variants, warm_up
+
+    hf = getattr(getattr(runner, "model_config", None), "hf_config", None)
+    caps = {0.0, float(getattr(hf, "attn_logit_softcapping", None) or 0.0)}
+    k_data, v_data, k_scales, v_scales = pool.get_raw_kv_buffer(0)
+    dtype = getattr(runner, "dtype", None)
+    dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    before = compiled_variants()
+    t0 = time.perf_counter()
+    for cap in sorted(caps):
+        warm_up(pool_format(pool), num_q_heads, num_kv_heads, k_data, k_scales, v_data, v_scales,
+                page_size=int(getattr(runner, "page_size", 1) or 1), dtype=dtype, logit_cap=cap)
+    logger.info("INT4 KV: %d kernel variants compiled at startup in %.1f s",
+                compiled_variants() - before, time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------
@@ -245,6 +271,36 @@ def decode_forward(q, pool, layer, kv: KVIndex, out=None, workspace=None, num_sp
         out=o3, max_kv_len=max_kv_len, **kwargs,
     )
     return o.reshape(-1, layer.tp_q_head_num * layer.head_dim)
+
+
+# An extend whose cached prefix and new chunk together hold at most this many tokens is
+# attended through the pool: both are dequantised into BF16 (for Qwen3-8B's 8 KV heads x
+# 128, 4 KiB of K and V per token: 256 MiB at this bound, taken per layer from torch's
+# caching allocator) and attended in one causal pass by the backend's own BF16 prefill.
+# The chunk is read back from the pool after its write, so a prompt attends the same
+# quantised values whether its prefix was a radix-cache hit or was just computed (a
+# prompt without a cached prefix goes the same way). Larger batches use the prefix
+# kernel and attend their chunk on the fresh BF16 k/v.
+DEQUANT_MAX_TOKENS = 1 << 16
+
+
+def dequantize_rows(pool, layer, slots: torch.Tensor, dtype):
+    """Token slots -> (k, v) [N, H, D] in `dtype` (the queries'), original basis, slot order."""
+    fmt = pool_format(pool)
+    k_data, v_data, k_scales, v_scales = pool.get_raw_kv_buffer(layer.layer_id)
+    deq = dequantize_kernel()
+    k = deq(k_data, k_scales, slots, fmt, fmt.k_rotated, dtype)
+    v = deq(v_data, v_scales, slots, fmt, fmt.v_rotated, dtype)
+    return k, v
+
+
+def extend_through_pool(q, pool, layer, slots: torch.Tensor, attend: Callable):
+    """Extend attention over dequantised pool rows: attend(q3, k, v) -> o [N, Hq, D]."""
+    fmt = pool_format(pool)
+    check_layer(layer, fmt)
+    hq, d = layer.tp_q_head_num, layer.head_dim
+    k, v = dequantize_rows(pool, layer, slots, q.dtype)
+    return attend(q.reshape(-1, hq, d), k, v).reshape(-1, hq * d)
 
 
 def prefix_forward(q3, qo_indptr, pool, layer, kv: KVIndex, max_q_len=None):
