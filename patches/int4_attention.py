@@ -274,14 +274,15 @@ def decode_forward(q, pool, layer, kv: KVIndex, out=None, workspace=None, num_sp
 
 
 # An extend whose cached prefix and new chunk together hold at most this many tokens is
-# attended through the pool: both are dequantised into BF16 (for Qwen3-8B's 8 KV heads x
-# 128, 4 KiB of K and V per token: 256 MiB at this bound, taken per layer from torch's
-# caching allocator) and attended in one causal pass by the backend's own BF16 prefill.
-# The chunk is read back from the pool after its write, so a prompt attends the same
-# quantised values whether its prefix was a radix-cache hit or was just computed (a
-# prompt without a cached prefix goes the same way). Larger batches use the prefix
-# kernel and attend their chunk on the fresh BF16 k/v.
-DEQUANT_MAX_TOKENS = 1 << 16
+# attended through the pool: both are dequantised into the query dtype and attended in
+# one causal pass by the backend's own BF16 prefill, the chunk read back after its write,
+# so a prompt attends the same quantised values whether its prefix was a radix-cache hit
+# or was just computed. Larger batches use the prefix kernel and attend their chunk on
+# the fresh k/v. Off (0) by default: on the H200 the dequantise kernel (kernels/quantize.py,
+# an fp32 rotation written for tests and fallbacks) took 7-28 ms per layer for 8k-66k
+# rows (docs/prefix.md), far more than the attention it feeds; raise the bound once that
+# kernel runs at memory speed (e.g. rotate q instead of un-rotating K).
+DEQUANT_MAX_TOKENS = 0
 
 
 def dequantize_rows(pool, layer, slots: torch.Tensor, dtype):

@@ -581,8 +581,7 @@ def test_triton_backend_extend(server_args, parallel, ref_kernels, prefix_lens, 
     attends its fresh k/v and the prefix goes through the prefix kernel and a merge."""
     from saw_sglang.patches.attention_triton import backend_class
 
-    if not through_pool:
-        monkeypatch.setattr(ia, "DEQUANT_MAX_TOKENS", 0)
+    monkeypatch.setattr(ia, "DEQUANT_MAX_TOKENS", 1 << 16 if through_pool else 0)
     gen = torch.Generator().manual_seed(sum(prefix_lens) + 1)
     hq, hkv, d, P = 4, 2, 64, 1
     fmt = Int4KVFormat(d)
@@ -696,8 +695,7 @@ def test_flashinfer_backend_extend(server_args, parallel, ref_kernels, fake_flas
                                    through_pool, monkeypatch):
     from saw_sglang.patches.attention_flashinfer import backend_class
 
-    if not through_pool:
-        monkeypatch.setattr(ia, "DEQUANT_MAX_TOKENS", 0)
+    monkeypatch.setattr(ia, "DEQUANT_MAX_TOKENS", 1 << 16 if through_pool else 0)
     gen = torch.Generator().manual_seed(7 + page_size)
     hq, hkv, d = 4, 2, 64
     fmt = Int4KVFormat(d)

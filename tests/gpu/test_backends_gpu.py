@@ -116,8 +116,7 @@ def test_extend_matches_flashinfer_bf16(server_args, parallel, name, page_size, 
     """Small batches attend prefix and chunk through the pool (the chunk read back after
     its write); with the bound at 0 the chunk attends its fresh k/v beside the INT4 prefix."""
     from saw_sglang.patches import int4_attention as ia
-    if not through_pool:
-        monkeypatch.setattr(ia, "DEQUANT_MAX_TOKENS", 0)
+    monkeypatch.setattr(ia, "DEQUANT_MAX_TOKENS", 1 << 16 if through_pool else 0)
     gen = torch.Generator().manual_seed(2)
     hq, hkv, d = 32, 8, 128
     fmt = Int4KVFormat(d)
