@@ -83,8 +83,12 @@ def test_config_file_options_count_as_given(tmp_path):
     assert ep.option_value(ep.server_args(args), "--port") == "8000"
 
 
-def test_unreadable_config_is_left_to_sglang(tmp_path):
-    args = ["--config", str(tmp_path / "missing.yaml")]
+@pytest.mark.parametrize("content", [None, "port: [8000\n", "- a list\n", "\xff\xfe"])
+def test_unreadable_config_is_left_to_sglang(tmp_path, content):
+    cfg = tmp_path / "server.yaml"
+    if content is not None:
+        cfg.write_bytes(content.encode("latin-1"))
+    args = ["--config", str(cfg)]
     assert ep.server_args(args) == DEFAULTS + args
 
 

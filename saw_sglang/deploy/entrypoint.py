@@ -46,10 +46,12 @@ def config_options(args: list[str]) -> dict[str, object]:
         return {}
     try:
         import yaml
-
+    except ImportError:
+        return {}
+    try:
         with open(args[args.index("--config") + 1]) as f:
             data = yaml.safe_load(f)
-    except (OSError, ImportError, ValueError):
+    except (OSError, ValueError, yaml.YAMLError):
         return {}
     if not isinstance(data, dict):
         return {}
