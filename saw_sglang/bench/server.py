@@ -33,14 +33,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def http_json(url: str, payload=None, timeout: float = 10.0, method: Optional[str] = None):
-    """GET (or POST a JSON payload) and return (status, parsed body or text)."""
+def http_json(url: str, payload=None, timeout: float = 10.0, method: Optional[str] = None,
+              headers: Optional[dict] = None, context=None):
+    """GET (or POST a JSON payload) and return (status, parsed body or text).
+    `context`: an ssl.SSLContext for https URLs."""
     data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, method=method)
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     if data is not None:
         req.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as r:
             status, body = r.status, r.read()
     except urllib.error.HTTPError as e:
         status, body = e.code, e.read()
