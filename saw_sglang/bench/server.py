@@ -104,10 +104,11 @@ def release_port(port: int) -> None:
         sock.close()
 
 
-def http_json(url: str, payload=None, timeout: float = 10.0, method: Optional[str] = None):
+def http_json(url: str, payload=None, timeout: float = 10.0, method: Optional[str] = None,
+              headers: Optional[dict] = None):
     """GET (or POST a JSON payload) and return (status, parsed body or text)."""
     data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, method=method)
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     if data is not None:
         req.add_header("Content-Type", "application/json")
     try:
