@@ -145,3 +145,19 @@ def test_another_process_skips_a_held_port_and_the_server_still_binds_it(tmp_pat
         assert srv.server_info()["version"] == "fake"
         assert held not in S._HELD
     assert_all_gone(tmp_path / "held.pids")
+
+
+def test_e2e_script_servers_fail_fast_too(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent / "gpu"))
+    import e2e_serve
+
+    cmd = [sys.executable, str(FAKE)]
+    with e2e_serve.Server("ok", cmd, tmp_path, S.reserve_port(), 60) as srv:
+        assert srv.info()["version"] == "fake"
+    os.environ["FAKE_MODE"] = "bind_failed"
+    try:
+        with pytest.raises(S.ServerStartError, match="server bad logged a fatal error"):
+            with e2e_serve.Server("bad", cmd, tmp_path, S.reserve_port(), 300):
+                pass
+    finally:
+        del os.environ["FAKE_MODE"]
