@@ -26,8 +26,7 @@ PROG = "python -m saw_sglang.eval"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog=PROG, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=models.DEFAULT_MODEL,
                    help="preset (smollm2-135m, gemma3-270m), a .gguf file, or any HF causal LM folder / hub name "
                         "(the tokenizer for --server too)")
@@ -130,7 +129,7 @@ def main(argv=None) -> int:
         modes = [parse_mode(s, hd, keep) for s in specs]
         tok = models.load_tokenizer(args.model)
         body, source = text.load_text(args.text, args.dataset, args.dataset_split, args.dataset_column)
-    except (OSError, ValueError) as e:
+    except (ImportError, OSError, ValueError) as e:
         fail(PROG, e)
     wins = text.windows(tok, body, args.ctx, args.tokens)
     scored = sum(len(w) - 1 for w in wins)
