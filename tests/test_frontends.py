@@ -58,7 +58,7 @@ def test_programs_run_through_sglangs_interpreter(name):
     if name == "fork_join":
         assert sorted(out["fact"]) == ["answer 1.", "answer 2."] and out["summary"] == "answer 3."
         assert sorted(t[-7:] for t in prompts[:2]) == ["Fact 1:", "Fact 2:"]
-        assert all("\n" in p.stop for p in gens[:2])  # with the template's own stop
+        assert all(p.max_new_tokens == 24 for p in gens[:2])
         assert "answer 1." in prompts[2] and "answer 2." in prompts[2]
     if name == "select":
         assert be.calls[0][1] == F.CHOICES and out["city"] == F.CHOICES[0]
@@ -66,6 +66,17 @@ def test_programs_run_through_sglangs_interpreter(name):
         assert [p.regex for p in gens] == [F.NUMBER_RE, F.DATE_RE]
     if name == "json":
         assert json.loads(gens[0].json_schema) == F.CITY_SCHEMA
+
+
+class FailingBackend(FakeBackend):
+    def generate(self, s, sampling_params):
+        raise ConnectionError("server gone")
+
+
+@pytest.mark.parametrize("run", [lambda be: F.run_program("multi_turn", be), F.run_batch])
+def test_a_failed_request_is_raised(run):
+    with pytest.warns(UserWarning), pytest.raises(ConnectionError, match="server gone"):
+        run(FailingBackend())
 
 
 def test_run_batch_keeps_each_conversation():

@@ -70,7 +70,7 @@ def fork_join(s, topic):
     s += sgl.user(f"Give two short facts about {topic}.")
     forks = s.fork(2)
     for i, f in enumerate(forks):
-        f += sgl.assistant(f"Fact {i + 1}:" + sgl.gen("fact", max_tokens=24, stop="\n"))
+        f += sgl.assistant(f"Fact {i + 1}:" + sgl.gen("fact", max_tokens=24))
     forks.join()
     s += sgl.user("Fact 1:" + forks[0]["fact"] + "\nFact 2:" + forks[1]["fact"] +
                   "\nSum both facts up in one sentence.")
@@ -114,11 +114,18 @@ def run_program(name: str, backend) -> dict:
     """Run one program greedily: {variable: text, or the list of the forks' texts}."""
     program, kwargs, names = PROGRAMS[name]
     state = program.run(**kwargs, backend=backend, temperature=0)
+    state.sync()
+    if state.error():  # a failed request: raise it, not a KeyError for its variable
+        raise state.error()
     return {k: state[k] for k in names}
 
 
 def run_batch(backend) -> list[dict]:
     states = multi_turn.run_batch(BATCH, backend=backend, temperature=0)
+    for st in states:
+        st.sync()
+        if st.error():
+            raise st.error()
     return [{"a1": st["a1"], "a2": st["a2"]} for st in states]
 
 
