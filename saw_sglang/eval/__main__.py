@@ -8,6 +8,7 @@ running SGLang servers over the same token windows."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,13 +17,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from saw_sglang.cli import Parser, fail
+
 from . import models, report, text
-from .modes import default_specs, parse_mode
+from .modes import check_spec, default_specs, parse_mode
+
+PROG = "python -m saw_sglang.eval"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m saw_sglang.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=models.DEFAULT_MODEL,
                    help="preset (smollm2-135m, gemma3-270m), a .gguf file, or any HF causal LM folder / hub name "
                         "(the tokenizer for --server too)")
@@ -91,22 +95,54 @@ def _add_dppl(rows) -> None:
         r["dppl"] = r["ppl"] - b if b is not None else None
 
 
+def check_args(p: argparse.ArgumentParser, args) -> list[int]:
+    """What needs no model: numbers, the text file, the mode specs. -> the kept layers."""
+    for flag, value, least in (("--tokens", args.tokens, 1), ("--ctx", args.ctx, 2),
+                               ("--server-step", args.server_step, 0),
+                               ("--server-concurrency", args.server_concurrency, 1)):
+        if value < least:
+            p.error(f"{flag} {value}: must be at least {least}")
+    if args.text and not os.path.isfile(args.text):
+        p.error(f"--text {args.text}: no such file")
+    try:
+        keep = [int(i) for i in args.bf16_layers.split(",") if i.strip()]
+    except ValueError:
+        p.error(f"--bf16-layers {args.bf16_layers!r}: want layer numbers, e.g. 0,1")
+    for spec in (args.modes.split(",") if args.modes else []):
+        try:
+            check_spec(spec)
+        except ValueError as e:
+            p.error(str(e))
+    return keep
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    p = build_parser()
+    args = p.parse_args(argv)
+    keep = check_args(p, args)
     dtype = getattr(torch, args.dtype)
     t0 = time.time()
+    # Config, modes, tokenizer and text first: a bad request ends before the weights load.
+    try:
+        nl, kvh, hd = models.kv_shape(models.load_config(args.model))
+        specs = args.modes.split(",") if args.modes else default_specs(hd, args.quick)
+        modes = [parse_mode(s, hd, keep) for s in specs]
+        tok = models.load_tokenizer(args.model)
+        body, source = text.load_text(args.text, args.dataset, args.dataset_split, args.dataset_column)
+    except (ImportError, OSError, ValueError) as e:
+        fail(PROG, e)
+    wins = text.windows(tok, body, args.ctx, args.tokens)
+    scored = sum(len(w) - 1 for w in wins)
+    if scored < args.tokens:
+        fail(PROG, f"--tokens {args.tokens}: {args.text or args.dataset or 'the bundled text'} gives only "
+                   f"{scored} scored tokens at --ctx {args.ctx}; ask for --tokens {scored} or fewer, or "
+                   "give a longer --text / --dataset")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     from .hook import register
 
     print(f"loading {args.model} ...", file=sys.stderr)
-    model, tok = models.load(args.model, args.device, dtype, register())
-    nl, kvh, hd = models.kv_shape(model)
-    body, source = text.load_text(args.text, args.dataset, args.dataset_split, args.dataset_column)
-    wins = text.windows(tok, body, args.ctx, args.tokens)
-    keep = [int(i) for i in args.bf16_layers.split(",") if i.strip()]
-    specs = args.modes.split(",") if args.modes else default_specs(hd, args.quick)
-    modes = [parse_mode(s, hd, keep) for s in specs]
+    model = models.load_model(args.model, args.device, dtype, register())
     print(f"{args.model}: {nl} layers, {kvh} KV heads, head_dim {hd}; {len(wins)} windows of <= {args.ctx} "
           f"tokens from {source}; load {time.time() - t0:.0f}s", file=sys.stderr)
 

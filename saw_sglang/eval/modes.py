@@ -89,43 +89,66 @@ class KVMode:
         return base
 
 
-def parse_mode(spec: str, head_dim: int, keep_layers=()) -> KVMode:
-    """`kind[:opt...]`; int4 options: rot=none|hadamard, b=N (Hadamard block),
-    g=N (group), v (rotate V too), keep=i.j (layers kept in BF16).
-    `keep_layers` applies to every quantized mode that names no keep= itself."""
+KINDS = ("bf16", "fp8_e4m3", "int4")
+INT4_OPTIONS = "rot=none|hadamard, b=N, g=N, v, q8, clip=X|mse, vclip=X|mse, keep=I.J"
+
+
+def _options(spec: str, keep_layers=()) -> tuple:
+    """Parse a spec's syntax (no head_dim needed): raises ValueError naming the valid options."""
     kind, *opts = spec.strip().split(":")
+    if kind not in KINDS:
+        raise ValueError(f"mode {spec!r}: unknown KV mode {kind!r}; choose from bf16, fp8_e4m3, "
+                         f"int4[:options] (int4 options: {INT4_OPTIONS})")
     kw: dict = {}
     keep = frozenset(keep_layers)
     q8 = False
     clip, v_only = 1.0, False
     for opt in opts:
         key, _, val = opt.partition("=")
-        if key == "keep":
-            keep = frozenset(int(i) for i in val.split(".") if i != "")
-        elif kind != "int4":
-            raise ValueError(f"mode {spec!r}: only int4 takes option {opt!r}")
-        elif key == "rot":
-            kw["rotation"] = val
-        elif key == "b":
-            kw["block_size"] = int(val)
-        elif key == "g":
-            kw["group_size"] = int(val)
-        elif key == "v" and not val:
-            kw["rotate_v"] = True
-        elif key == "q8" and not val:
-            q8 = True
-        elif key in ("clip", "vclip"):
-            clip = val if val == "mse" else float(val)
-            v_only = key == "vclip"
-        else:
-            raise ValueError(f"mode {spec!r}: unknown option {opt!r}")
+        if key != "keep" and kind != "int4":
+            raise ValueError(f"mode {spec!r}: only int4 takes option {opt!r} ({kind} takes keep=I.J)")
+        try:
+            if key == "keep":
+                keep = frozenset(int(i) for i in val.split(".") if i != "")
+            elif key == "rot" and val in ("none", "hadamard"):
+                kw["rotation"] = val
+            elif key == "b":
+                kw["block_size"] = int(val)
+            elif key == "g":
+                kw["group_size"] = int(val)
+            elif key == "v" and not val:
+                kw["rotate_v"] = True
+            elif key == "q8" and not val:
+                q8 = True
+            elif key in ("clip", "vclip"):
+                clip = val if val == "mse" else float(val)
+                v_only = key == "vclip"
+            else:
+                raise ValueError(opt)
+        except ValueError:
+            raise ValueError(f"mode {spec!r}: bad option {opt!r}; int4 takes {INT4_OPTIONS}") from None
+    return kind, kw, keep, q8, clip, v_only
+
+
+def check_spec(spec: str) -> None:
+    """Refuse a malformed spec before any model loads (the head_dim checks come later)."""
+    _options(spec)
+
+
+def parse_mode(spec: str, head_dim: int, keep_layers=()) -> KVMode:
+    """`kind[:opt...]`; int4 options: rot=none|hadamard, b=N (Hadamard block),
+    g=N (group), v (rotate V too), keep=i.j (layers kept in BF16).
+    `keep_layers` applies to every quantized mode that names no keep= itself."""
+    kind, kw, keep, q8, clip, v_only = _options(spec, keep_layers)
     if kind in ("bf16", "fp8_e4m3"):
         return KVMode(spec, kind, None, frozenset() if kind == "bf16" else keep)
-    if kind != "int4":
-        raise ValueError(f"unknown KV mode {kind!r} (bf16, fp8_e4m3, int4[:options])")
     if kw.get("rotation") == "none":
         kw.pop("block_size", None)  # no rotation: the block size is unused
-    return KVMode(spec, "int4", Int4KVFormat(head_dim=head_dim, **kw), keep, q8, clip, v_only)
+    try:
+        fmt = Int4KVFormat(head_dim=head_dim, **kw)
+    except ValueError as e:
+        raise ValueError(f"mode {spec!r}: {e}") from None
+    return KVMode(spec, "int4", fmt, keep, q8, clip, v_only)
 
 
 def default_specs(head_dim: int, quick: bool = False) -> list[str]:
