@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from saw_sglang.bench.server import ManagedServer, free_port, http_json
+from saw_sglang.bench.server import ManagedServer, http_json, reserve_port
 
 
 def kernel_files(cache: Path) -> int:
@@ -70,7 +70,7 @@ def new_traffic(url: str, seed: int) -> float:
 
 
 def one_start(name: str, a, out: Path, env: dict) -> dict:
-    port = free_port()
+    port = reserve_port()  # held until the server is healthy (ManagedServer releases it)
     cmd = [sys.executable, "-m", "saw_sglang.deploy.entrypoint", "--model-path", a.model,
            "--port", str(port), "--mem-fraction-static", str(a.mem_fraction), *a.extra]
     if a.load_format:
