@@ -573,6 +573,18 @@ def _extend_setup(gen, fmt, hq, hkv, prefix_lens, new_lens, page_size, dtype):
     return r2t, pool, layer, slots, q, k, v, out_loc, fb
 
 
+def _expected_extend(through_pool, r2t, pool, layer, slots, q, k, v, prefix_lens, new_lens, hq, hkv, d):
+    """Through the pool: every request's dequantised prefix and chunk; else the dequantised
+    prefix and the fresh chunk."""
+    n = sum(new_lens)
+    qo = ia.qo_indptr_from(torch.tensor(new_lens))
+    if through_pool:
+        seq = [r2t[i + 1, : p + m].long() for i, (p, m) in enumerate(zip(prefix_lens, new_lens))]
+        return pool_reference(q.view(n, hq, d), pool, 0, seq, qo, layer.scaling)
+    return full_reference(q.view(n, hq, d), k.view(n, hkv, d), v.view(n, hkv, d), pool, 0, slots, qo,
+                          layer.scaling)
+
+
 @pytest.mark.parametrize("through_pool", [True, False])
 @pytest.mark.parametrize("prefix_lens", [[6, 0], [0, 0]])
 def test_triton_backend_extend(server_args, parallel, ref_kernels, prefix_lens, through_pool, monkeypatch):
@@ -594,13 +606,7 @@ def test_triton_backend_extend(server_args, parallel, ref_kernels, prefix_lens, 
     assert (b.int4_meta.prefix is None) == (not any(prefix_lens))
     assert (b.int4_meta.rows is not None) == through_pool
     out = b.forward_extend(q, k, v, layer, fb)
-    qo = ia.qo_indptr_from(torch.tensor(new_lens))
-    if through_pool:
-        seq = [r2t[i + 1, : p + m].long() for i, (p, m) in enumerate(zip(prefix_lens, new_lens))]
-        want = pool_reference(q.view(n, hq, d), pool, 0, seq, qo, layer.scaling)
-    else:
-        want = full_reference(q.view(n, hq, d), k.view(n, hkv, d), v.view(n, hkv, d), pool, 0, slots, qo,
-                              layer.scaling)
+    want = _expected_extend(through_pool, r2t, pool, layer, slots, q, k, v, prefix_lens, new_lens, hq, hkv, d)
     torch.testing.assert_close(out.float().view_as(want), want, atol=1e-2, rtol=1e-2)
     assert ref_kernels["prefix"] == (1 if any(prefix_lens) and not through_pool else 0)
     assert ref_kernels["dequant"] == (2 if through_pool else 0)
@@ -709,13 +715,7 @@ def test_flashinfer_backend_extend(server_args, parallel, ref_kernels, fake_flas
     b.init_forward_metadata(fb)
     assert (b.forward_metadata.rows is not None) == through_pool
     out = b.forward_extend(q, k, v, layer, fb)
-    qo = ia.qo_indptr_from(torch.tensor(new_lens))
-    if through_pool:
-        seq = [r2t[i + 1, : p + m].long() for i, (p, m) in enumerate(zip(prefix_lens, new_lens))]
-        want = pool_reference(q.view(n, hq, d), pool, 0, seq, qo, layer.scaling)
-    else:
-        want = full_reference(q.view(n, hq, d), k.view(n, hkv, d), v.view(n, hkv, d), pool, 0, slots, qo,
-                              layer.scaling)
+    want = _expected_extend(through_pool, r2t, pool, layer, slots, q, k, v, prefix_lens, new_lens, hq, hkv, d)
     torch.testing.assert_close(out.view_as(want), want, atol=1e-4, rtol=1e-4)
     assert ref_kernels["prefix"] == (0 if through_pool else 1)
     with pytest.raises(NotImplementedError):
