@@ -35,7 +35,7 @@ DEFAULT_CONFIGS: dict[tuple[int, int], dict] = {
     # H200, 32/8 heads, random slots (bench --tune-only, docs/gpu-runs.md run 5): best at
     # 64 x 8k (0.444 ms vs FlashInfer BF16 0.494); at 16 x 8k waves=2 was best (0.122 ms)
     # block_h: the query-head rows padded up to at least this (the MMA pads to 16 itself;
-    # 8 instead of 16 halves the per-score softmax work, tools/sass: -12% loop instructions)
+    # 8 instead of 16 halves the per-score softmax work, dev/sass: -12% loop instructions)
     (128, 128): dict(block_n=128, num_warps=4, num_stages=3, waves=8, prefetch=False, block_h=8),
     (256, 256): dict(block_n=32, num_warps=4, num_stages=3, waves=8, prefetch=False),
 }

@@ -12,10 +12,10 @@ of order 1e-1..1.
 import pytest
 import torch
 
-from decode_cases import errors, make_case
 from saw_sglang.kernels import reference as ref
 from saw_sglang.kernels.decode import (DecodePlan, alloc_workspace, choose_num_splits, decode_attention,
                                        decode_impl, head_group, plan_splits)
+from saw_sglang.kernels.testing import errors, make_case
 
 MAX_ABS, MAX_REL = 2e-2, 5e-3
 

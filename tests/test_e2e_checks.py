@@ -1,15 +1,11 @@
-"""The GPU end-to-end script's checks (tests/gpu/e2e_serve.py), run against a stub server:
+"""The GPU end-to-end script's checks (dev/gpu/e2e_serve.py), run against a stub server:
 the radix-hit logprob check fails on null/NaN logprobs or a miss, and the agreement step
 reports the mean logprob gap to BF16."""
 
 import math
-import os
-import sys
 
+import e2e_serve
 import pytest
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu"))
-import e2e_serve  # noqa: E402
 
 
 class StubServer:

@@ -148,7 +148,6 @@ def test_another_process_skips_a_held_port_and_the_server_still_binds_it(tmp_pat
 
 
 def test_e2e_script_servers_fail_fast_too(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent / "gpu"))
     import e2e_serve
 
     cmd = [sys.executable, str(FAKE)]

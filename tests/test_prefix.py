@@ -1,15 +1,5 @@
-"""INT4 prefix attention (Triton, interpreter on CPU) against the pure-torch reference.
-
-Tolerances. The reference dequantises the same codes and computes in fp32; the kernel
-differs only by (a) the pre-scaled query rounded to fp16 for the tensor-core dots
-(relative 2^-11 per element), (b) p * scale_v (and, for groups smaller than head_dim,
-the dequantised k/v elements) rounded to fp16 (relative 2^-11), (c) the normalised
-output rounded to fp16 before the inverse rotation when V is rotated (relative 2^-11),
-and (d) the final cast of o to bf16 (relative 2^-9 half-ulp). Scores are O(1..10) here,
-so (a)+(b) move lse by a few 1e-4 and o by ~1e-3 of its scale:
-  o:   atol 6e-3, rtol 1.6e-2   (bf16 output: 2 ulp plus the fp16 operand error)
-  lse: atol 3e-3                (fp32 state; fp16 operands only)
-"""
+"""INT4 prefix attention (Triton, interpreter on CPU) against the pure-torch reference
+(tolerances: saw_sglang.kernels.testing)."""
 
 import pytest
 import torch
@@ -17,63 +7,7 @@ import torch
 from saw_sglang.kernels import reference as ref
 from saw_sglang.kernels.format import Int4KVFormat
 from saw_sglang.kernels.prefix import LOG2E, from_flashinfer_lse, prefix_attention, to_flashinfer_lse
-
-O_TOL = dict(atol=6e-3, rtol=1.6e-2)
-LSE_ATOL = 3e-3
-
-
-def make_cache(fmt, hkv, prefix_lens, page, gen, spare_pages=7, device="cpu"):
-    """Pool with the prefixes at scattered slots (a random permutation of a larger pool).
-    Built on the CPU (seeded), then moved to `device`; dense_k/v stay on the CPU."""
-    npages = [-(-n // page) for n in prefix_lens]
-    pool_pages = sum(npages) + spare_pages
-    perm = torch.randperm(pool_pages, generator=gen)
-    kd, ks = fmt.alloc(pool_pages * page, hkv)
-    vd, vs = fmt.alloc(pool_pages * page, hkv)
-    indices, off = [], 0
-    for n in npages:
-        indices.append(perm[off : off + n])
-        off += n
-    kv_indices = torch.cat(indices).to(torch.int32)
-    kv_indptr = torch.zeros(len(prefix_lens) + 1, dtype=torch.int32)
-    kv_indptr[1:] = torch.tensor(npages).cumsum(0)
-    kv_lens = torch.tensor(prefix_lens, dtype=torch.int32)
-    dense_k, dense_v = [], []
-    for b in range(len(prefix_lens)):
-        slots = ref.token_slots(kv_indptr, kv_indices, kv_lens, b, page)
-        k = torch.randn(len(slots), hkv, fmt.head_dim, generator=gen)
-        k[..., 3] *= 6.0  # an outlier channel, as real keys have
-        v = torch.randn(len(slots), hkv, fmt.head_dim, generator=gen)
-        ref.quantize_and_store_ref(k, v, slots, kd, ks, vd, vs, fmt)
-        dense_k.append(ref.dequantize_ref(kd, ks, slots, fmt, fmt.k_rotated, torch.float32))
-        dense_v.append(ref.dequantize_ref(vd, vs, slots, fmt, fmt.v_rotated, torch.float32))
-    cache = tuple(t.to(device) for t in (kd, ks, vd, vs, kv_indptr, kv_indices, kv_lens))
-    return cache, dense_k, dense_v
-
-
-def make_queries(q_lens, hq, d, gen, dtype=torch.bfloat16, device="cpu"):
-    qo = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
-    qo[1:] = torch.tensor(q_lens).cumsum(0)
-    q = torch.randn(int(qo[-1]), hq, d, generator=gen).to(dtype)
-    return q.to(device), qo.to(device)
-
-
-def check(q, qo, cache, fmt, page, cap=0.0, **kw):
-    kd, ks, vd, vs, kv_indptr, kv_indices, kv_lens = cache
-    sm = ref.default_sm_scale(fmt.head_dim)
-    o, lse = prefix_attention(q, qo, kd, ks, vd, vs, kv_indptr, kv_indices, kv_lens,
-                              fmt, sm, page_size=page, logit_cap=cap, **kw)
-    ro, rlse = ref.prefix_attention_ref(q.float(), qo, kd, ks, vd, vs, kv_indptr, kv_indices,
-                                        kv_lens, fmt, sm, page_size=page, logit_cap=cap)
-    assert o.dtype == q.dtype and o.shape == q.shape
-    assert lse.dtype == torch.float32 and lse.shape == q.shape[:2]
-    torch.testing.assert_close(o.float(), ro, **O_TOL)
-    empty = torch.isinf(rlse)
-    assert torch.equal(torch.isinf(lse), empty) and bool((lse[empty] < 0).all())
-    assert bool((o[empty] == 0).all())
-    torch.testing.assert_close(lse[~empty], rlse[~empty], atol=LSE_ATOL, rtol=0)
-    return o, lse
-
+from saw_sglang.kernels.testing import LSE_ATOL, O_TOL, check_prefix, make_cache, make_queries
 
 # (head_dim, group, Hadamard block, hq, hkv, rotation, rotate_v, page, cap)
 CASES = [
@@ -94,7 +28,7 @@ def test_matches_reference(d, g, blk, hq, hkv, rot, rot_v, page, cap):
     q_lens, prefix_lens = [5, 1, 3, 9], [37, 18, 0, 21]
     cache, _, _ = make_cache(fmt, hkv, prefix_lens, page, gen)
     q, qo = make_queries(q_lens, hq, d, gen)
-    check(q, qo, cache, fmt, page, cap)
+    check_prefix(q, qo, cache, fmt, page, cap)
 
 
 @pytest.mark.parametrize("rot_v, splits", [(False, 1), (True, 1), (True, 3)])
@@ -106,7 +40,7 @@ def test_host_rotation_matches_reference(rot_v, splits):
         fmt = Int4KVFormat(head_dim=64, group_size=32, block_size=blk, rotate_v=rot_v)
         cache, _, _ = make_cache(fmt, 3, [37, 18, 0, 21], 16, gen)
         q, qo = make_queries([5, 1, 3, 9], 9, 64, gen)
-        check(q, qo, cache, fmt, 16, host_rotation=True, num_splits=splits)
+        check_prefix(q, qo, cache, fmt, 16, host_rotation=True, num_splits=splits)
 
 
 def test_block_tiling_and_fp16_and_strided_q():
@@ -121,7 +55,7 @@ def test_block_tiling_and_fp16_and_strided_q():
     q = qkv[:, :hq]
     qo = torch.tensor([0, 19, 21], dtype=torch.int32)
     assert not q.is_contiguous()
-    o, lse = check(q, qo, cache, fmt, 1, max_q_len=19, block_rows=16, block_n=16)
+    o, lse = check_prefix(q, qo, cache, fmt, 1, max_q_len=19, block_rows=16, block_n=16)
     o2, lse2 = prefix_attention(q.contiguous(), qo, *cache, fmt, d**-0.5, max_q_len=None,
                                 block_rows=32, block_n=32)
     torch.testing.assert_close(o2.float(), o.float(), **O_TOL)
@@ -218,4 +152,4 @@ def test_split_kv_matches_reference(splits, rot_v):
     q_lens, prefix_lens = [3, 1, 2], [70, 9, 0]
     cache, _, _ = make_cache(fmt, hkv, prefix_lens, 16, gen)
     q, qo = make_queries(q_lens, hq, d, gen)
-    check(q, qo, cache, fmt, 16, num_splits=splits)
+    check_prefix(q, qo, cache, fmt, 16, num_splits=splits)

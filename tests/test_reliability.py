@@ -1,22 +1,18 @@
-"""CPU tests of the reliability suite (tests/gpu/reliability.py): traffic generator,
+"""CPU tests of the reliability suite (dev/gpu/reliability.py): traffic generator,
 response checks, the k_proj scaling helper, and a short end-to-end run against the
 fake server (tests/fakes/fake_sglang_server.py)."""
 
-import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
 
 import pytest
+import reliability as rel
 import torch
 from safetensors.torch import load_file, save_file
 
 HERE = Path(__file__).parent
-spec = importlib.util.spec_from_file_location("reliability", HERE / "gpu" / "reliability.py")
-rel = importlib.util.module_from_spec(spec)
-sys.modules["reliability"] = rel
-spec.loader.exec_module(rel)
 
 FAKE = f"{sys.executable} {HERE / 'fakes' / 'fake_sglang_server.py'}"
 

@@ -1,18 +1,14 @@
-"""The --tp 2 GPU script's CPU-side logic (tests/gpu/tp2_serve.py): expected per-rank
+"""The --tp 2 GPU script's CPU-side logic (dev/gpu/tp2_serve.py): expected per-rank
 capacity figures, cross-mode checks, and a dry run that starts no server without GPUs."""
 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+import tp2_serve
 
-GPU_DIR = Path(__file__).resolve().parent / "gpu"
-sys.path.insert(0, str(GPU_DIR))
-import tp2_serve  # noqa: E402
-
-from saw_sglang.tools import models  # noqa: E402
+from saw_sglang.tools import models
 
 
 def _cfg(folder, **cfg):
@@ -69,7 +65,7 @@ def test_dry_run_without_gpus_starts_nothing(tmp_path):
     model = _cfg(tmp_path / "m", hidden_size=576, num_attention_heads=12, num_key_value_heads=4,
                  head_dim=64, num_hidden_layers=30)
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, str(GPU_DIR / "tp2_serve.py"), "--padded-model", model,
+    r = subprocess.run([sys.executable, tp2_serve.__file__, "--padded-model", model,
                         "--out", str(out), "--modes", "int4-tp1,int4-tp2"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr[-2000:]

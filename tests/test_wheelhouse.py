@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import subprocess
 import sys
 import zipfile
@@ -66,8 +67,11 @@ def test_set_file_requires_exact_pins(tmp_path):
         W.read_set(bad)
 
 
+H200_HOST = ROOT / "dev" / "gpu" / "h200-packages.txt"  # this project's GPU host, not shipped
+
+
 def test_shipped_lists_resolve_for_the_h200_host():
-    host = W.read_host(W.DEFAULT_HOST)
+    host = W.read_host(H200_HOST)
     reqs = W.read_set(W.DEFAULT_SET)
     assert host["torch"] == "2.11.0" and host["triton"] == "3.6.0" and host["transformers"] == "5.17.0"
     fetch, skipped = W.plan(reqs, host)
@@ -93,6 +97,19 @@ def test_unmet_requirements_reports_declared_but_missing(tmp_path):
     assert unmet == {"epsilon": ["alpha"]}
 
 
+def test_host_list_is_an_explicit_argument(tmp_path, capsys):
+    """The wheel ships no host list of its own: a bundle build names the target host's."""
+    assert not list((ROOT / "saw_sglang" / "tools").rglob("h200*"))
+    for extra, fragment in (([], "--host FILE is needed"),
+                            (["--host", str(tmp_path / "none.txt")], "none.txt: no such file")):
+        with pytest.raises(SystemExit) as e:
+            W.main(["--out", str(tmp_path / "wh"), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and fragment in err[0], err
+        assert "pip list --format=freeze" in err[0]
+    assert not (tmp_path / "wh").exists()
+
+
 # ---------------------------------------------------------------- a new user's python3
 def _fresh_python(folder, with_pip):
     """A bare virtualenv of the interpreter this suite runs on: only the standard library
@@ -109,7 +126,8 @@ def _fresh_python(folder, with_pip):
 ])
 def test_fresh_python_is_told_what_to_install(tmp_path, with_pip, fragments):
     py = _fresh_python(tmp_path / "venv", with_pip)
-    out = subprocess.run([py, "-m", "saw_sglang.tools.wheelhouse", "--out", str(tmp_path / "wh")],
+    out = subprocess.run([py, "-m", "saw_sglang.tools.wheelhouse", "--out", str(tmp_path / "wh"),
+                          "--host", str(H200_HOST)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     err = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(err) == 1, out.stderr
@@ -294,7 +312,7 @@ def test_carry_layout_and_stash_script(tmp_path):
     for i, p in enumerate(parts, 1):
         assert sorted(f.name for f in (carry / f"part{i}").iterdir()) == sorted(
             [p.name, "SHA256SUMS", "install.sh", "manifest.json"])
-    stash = ROOT / "tools" / "gpu" / "stash_part.sh"
+    stash = ROOT / "dev" / "gpu" / "stash_part.sh"
     dest = tmp_path / "stash"
     one = tmp_path / "one"  # the first call carries only part1
     (one / "part1").mkdir(parents=True)
@@ -315,22 +333,47 @@ def test_carry_layout_and_stash_script(tmp_path):
 
 
 def test_run_all_usage_and_syntax():
-    script = ROOT / "tools" / "gpu" / "run_all.sh"
+    script = ROOT / "dev" / "gpu" / "run_all.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     r = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     assert r.returncode == 2 and "--only" in r.stdout
 
 
-@pytest.mark.parametrize("name", ["run_x2.sh", "bg.sh", "branch_bench.sh"])
-def test_gpu_scripts_syntax(name):
-    subprocess.run(["bash", "-n", str(ROOT / "tools" / "gpu" / name)], check=True)
+@pytest.mark.parametrize("name, words", [
+    ("run_x2.sh", ["run_x2.sh start", "run_x2.sh wait SECONDS", "run_x2.sh pack OUT"]),
+    ("bg.sh", ["bg.sh snapshot DIR", "bg.sh start NAME GPUS CMD", "bg.sh status"]),
+    ("branch_bench.sh", ["branch_bench.sh TGZ OUT_DIR"]),
+])
+def test_gpu_scripts_print_their_usage(name, words, tmp_path):
+    """Without arguments a driver starts nothing: it prints its usage and exits 2."""
+    r = subprocess.run(["bash", str(ROOT / "dev" / "gpu" / name)], capture_output=True, text=True,
+                       cwd=tmp_path, env={**os.environ, "BG": str(tmp_path / "bg")}, timeout=30)
+    assert r.returncode == 2, r.stdout + r.stderr
+    for w in words:
+        assert w in r.stdout, (w, r.stdout)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bg"] * (name == "bg.sh")
+
+
+REPO_PATH = re.compile(r"(?<![\w./$-])((?:dev|tests|docs|saw_sglang|kernels|patches|docker)/[\w./-]*\w)")
+
+
+@pytest.mark.parametrize("doc", sorted(p.relative_to(ROOT).as_posix() for p in
+                                       [*(ROOT / "dev").rglob("*.sh"), *(ROOT / "dev").rglob("*.py"),
+                                        ROOT / "dev" / "README.md", ROOT / "README.md"]))
+def test_paths_named_by_the_drivers_exist(doc):
+    """Every repository path a driver runs, or a README names, is in the tree."""
+    named = set(REPO_PATH.findall((ROOT / doc).read_text()))
+    if doc.endswith(".md"):
+        assert named, doc  # the pattern does see a README's paths
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, missing
 
 
 def test_bg_jobs_outlive_the_starting_shell_and_report_status(tmp_path):
     """bg.sh: a detached job keeps running after `start` returns, `wait` times out while
     it runs (exit 1) and reports its exit status once done (exit 0), `snapshot` copies
     the tree without .git."""
-    bg = ROOT / "tools" / "gpu" / "bg.sh"
+    bg = ROOT / "dev" / "gpu" / "bg.sh"
     env = {**os.environ, "BG": str(tmp_path / "bg")}
     flag = tmp_path / "go"
     r = subprocess.run(["bash", str(bg), "start", "j", "0",
@@ -345,7 +388,7 @@ def test_bg_jobs_outlive_the_starting_shell_and_report_status(tmp_path):
     snap = tmp_path / "snap"
     subprocess.run(["bash", str(bg), "snapshot", str(snap)], cwd=ROOT, check=True, env=env,
                    capture_output=True, timeout=120)
-    assert (snap / "tools" / "gpu" / "bg.sh").exists() and not (snap / ".git").exists()
+    assert (snap / "dev" / "gpu" / "bg.sh").exists() and not (snap / ".git").exists()
 
 
 # ---------------------------------------------------------------- models

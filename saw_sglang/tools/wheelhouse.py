@@ -1,10 +1,10 @@
 """Build an offline bundle of wheels for a GPU host without network.
 
-    python -m saw_sglang.tools.wheelhouse --out wheelhouse [--carry .gpu-carry]
+    python -m saw_sglang.tools.wheelhouse --out wheelhouse --host HOST_PACKAGES.txt [--carry .gpu-carry]
     python -m saw_sglang.tools.wheelhouse --out wheelhouse --only-self
 
 Resolves the bundle list (SGLang 0.5.17's server path, FlashInfer, model weights)
-against the host's frozen package list, downloads the missing wheels for the host's
+against the host's frozen package list (--host), downloads the missing wheels for the host's
 Python and platform, slims the large ones, packs them into one tar (xz when that
 saves over 10%), splits it into parts of at most --part-mib MiB, and writes
 manifest.json, SHA256SUMS and install.sh beside the parts. Our own wheel is a
@@ -31,7 +31,7 @@ import subprocess
 import sys
 import zipfile
 
-from saw_sglang.cli import Parser, fail
+from saw_sglang.cli import HINT, Parser, fail
 from saw_sglang.tools import bundle as B
 
 PROG = "python -m saw_sglang.tools.wheelhouse"
@@ -39,7 +39,6 @@ NEEDS = ("packaging", "tqdm")  # imported where used: --help, --dry-run, --only-
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-DEFAULT_HOST = HERE / "hosts" / "h200.txt"
 DEFAULT_SET = HERE / "sets" / "sglang-0.5.17.txt"
 DEFAULT_PLATFORMS = ["manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux_2_27_x86_64",
                      "manylinux_2_26_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
@@ -281,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=pathlib.Path, default=ROOT / "wheelhouse",
                     help="work folder (download/, wheels/, parts/); default ./wheelhouse")
-    ap.add_argument("--host", type=pathlib.Path, default=DEFAULT_HOST,
-                    help="frozen list of the host's installed packages (default: H200 host)")
+    ap.add_argument("--host", type=pathlib.Path, metavar="FILE",
+                    help="the packages the target host already has, NAME or NAME==VERSION per line "
+                         "(`python3 -m pip list --format=freeze` there); needed unless --only-self")
     ap.add_argument("--set", dest="set_file", type=pathlib.Path, default=DEFAULT_SET,
                     help="bundle list, NAME==VERSION [flags] per line")
     ap.add_argument("--python-version", default="3.12")
@@ -300,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="also lay out carry folders here: part1/, part2/, ..., self/")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     args = ap.parse_args(argv)
+    if not args.only_self and (args.host is None or not args.host.is_file()):
+        fail(PROG, (f"--host {args.host}: no such file" if args.host else "--host FILE is needed")
+             + ": the list of packages the GPU host already has, made there with "
+               "`python3 -m pip list --format=freeze > FILE`" + HINT)
     missing = missing_needs(bundle=not (args.only_self or args.dry_run))
     if missing:
         fail(PROG, missing)

@@ -1,16 +1,12 @@
 """INT4 decode attention on the GPU at real sizes, and CUDA-graph capture + replay.
 Same tolerances as tests/test_decode.py (see its docstring)."""
 
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from decode_cases import errors, make_case  # noqa: E402
-from saw_sglang.kernels import reference as ref  # noqa: E402
-from saw_sglang.kernels.decode import alloc_workspace, decode_attention  # noqa: E402
+from saw_sglang.kernels import reference as ref
+from saw_sglang.kernels.decode import alloc_workspace, decode_attention
+from saw_sglang.kernels.testing import errors, make_case
 
 pytestmark = pytest.mark.gpu
 MAX_ABS, MAX_REL = 2e-2, 5e-3

@@ -80,7 +80,7 @@ def out(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model():
     if not os.path.isdir(F.MODEL):
-        pytest.skip(f"no model at {F.MODEL}: tools/gpu/run_all.sh OUT --only models builds it")
+        pytest.skip(f"no model at {F.MODEL}: dev/gpu/run_all.sh OUT --only models builds it")
     return F.MODEL
 
 

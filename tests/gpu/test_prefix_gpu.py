@@ -1,23 +1,21 @@
 """INT4 prefix attention on the GPU at real sizes, and the merge with FlashInfer states.
-Same tolerances as tests/test_prefix.py (see its docstring for the derivation).
+Same tolerances as tests/test_prefix.py (derived in saw_sglang.kernels.testing).
 
 Run: python -m pytest -q -s -m gpu tests/gpu/test_prefix_gpu.py
 (-s shows the timings; FlashInfer, when importable, adds the merge_state checks.)
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from test_prefix import LSE_ATOL, O_TOL, check, make_cache, make_queries  # noqa: E402
-from saw_sglang.kernels import reference as ref  # noqa: E402
-from saw_sglang.kernels.format import Int4KVFormat  # noqa: E402
-from saw_sglang.kernels.prefix import prefix_attention, to_flashinfer_lse  # noqa: E402
+from saw_sglang.kernels import reference as ref
+from saw_sglang.kernels.format import Int4KVFormat
+from saw_sglang.kernels.prefix import prefix_attention, to_flashinfer_lse
+from saw_sglang.kernels.testing import LSE_ATOL, O_TOL, check_prefix, make_cache, make_queries
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -38,7 +36,7 @@ def test_real_sizes_d128(page, rot):
     fmt = fmt_for(128, 128, rot)
     cache, _, _ = make_cache(fmt, 8, PREFIX_LENS, page, gen, spare_pages=300, device=DEV)
     q, qo = make_queries(Q_LENS, 32, 128, gen, device=DEV)
-    check(q, qo, cache, fmt, page, max_q_len=max(Q_LENS))
+    check_prefix(q, qo, cache, fmt, page, max_q_len=max(Q_LENS))
 
 
 @pytest.mark.parametrize("d, g, hq, hkv, rot, cap", [
@@ -68,7 +66,7 @@ def _head_dims_case(d, g, hq, hkv, rot, cap):
     fmt = fmt_for(d, g, rot)
     cache, _, _ = make_cache(fmt, hkv, PREFIX_LENS, 16, gen, spare_pages=300, device=DEV)
     q, qo = make_queries(Q_LENS, hq, d, gen, device=DEV)
-    check(q, qo, cache, fmt, 16, cap)
+    check_prefix(q, qo, cache, fmt, 16, cap)
 
 
 @pytest.mark.parametrize("rot", ["k", "kv"])
@@ -82,7 +80,7 @@ def test_split_kv_few_queries_long_prefix(rot):
     q_lens, prefix_lens = [16, 1, 40], [8000, 3000, 0]
     cache, _, _ = make_cache(fmt, 8, prefix_lens, 16, gen, spare_pages=50, device=DEV)
     q, qo = make_queries(q_lens, 32, 128, gen, device=DEV)
-    o, lse = check(q, qo, cache, fmt, 16, max_q_len=40, max_kv_len=8000)
+    o, lse = check_prefix(q, qo, cache, fmt, 16, max_q_len=40, max_kv_len=8000)
     o1, lse1 = prefix_attention(q, qo, *cache, fmt, 128**-0.5, page_size=16, num_splits=1)
     torch.testing.assert_close(o.float(), o1.float(), **O_TOL)
     torch.testing.assert_close(lse, lse1, atol=LSE_ATOL, rtol=0)

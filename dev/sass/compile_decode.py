@@ -1,8 +1,8 @@
 """Compile the portable Triton decode split kernel (kernels/decode_triton.py) for sm_90 on
 a machine without a GPU (Triton's bundled ptxas) and print its instruction mix and
 registers. The tensor-core kernel has its own: compile_decode_mma.py.
-usage: python tools/sass/compile_decode.py [--asm 0|1] [--prefetch 0|1] [--block-n N]
-       [--warps N] [--stages N] [--qk-int8 0|1] [--dump | python tools/sass/loop_stats.py]"""
+usage: python dev/sass/compile_decode.py [--asm 0|1] [--prefetch 0|1] [--block-n N]
+       [--warps N] [--stages N] [--qk-int8 0|1] [--dump | python dev/sass/loop_stats.py]"""
 import argparse
 import os
 import sys

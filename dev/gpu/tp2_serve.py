@@ -1,6 +1,6 @@
 """Tensor-parallel serving check on two GPUs: SAW-INT4 at --tp 2 vs BF16 and vs TP=1.
 
-    python tests/gpu/tp2_serve.py --model SMOLLM2_DIR --dummy-model QWEN3_8B_SHAPED_DIR \
+    python dev/gpu/tp2_serve.py --model SMOLLM2_DIR --dummy-model QWEN3_8B_SHAPED_DIR \
         --out /tmp/tp2
 
 SmolLM2-135M's 9 query / 3 KV heads do not split over two ranks, so --model is padded

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU-host run, from the repository root of a host without network:
 #
-#   tools/gpu/run_all.sh OUT_DIR [--only STEP[,STEP...]] [--together] [--pack]
+#   dev/gpu/run_all.sh OUT_DIR [--only STEP[,STEP...]] [--together] [--pack]
 #
 # Steps, in order (each with its own timeout and log OUT_DIR/logs/STEP.log):
 #   install  reassemble + install the offline bundle from $PARTS into $SITE (skipped when
@@ -9,11 +9,11 @@
 #   models   build the GPU-test models into $MODELS (skipped when present)
 #   pytest   pytest -m gpu -q tests/gpu (all but test_frontends_gpu.py, which is faces)
 #   bench    python -m saw_sglang.bench.kernels --out OUT_DIR/bench
-#   e2e      python tests/gpu/e2e_serve.py --model ... --dummy-model ... --out OUT_DIR/e2e
+#   e2e      python dev/gpu/e2e_serve.py --model ... --dummy-model ... --out OUT_DIR/e2e
 #   faces    pytest tests/gpu/test_frontends_gpu.py: frontend programs, offline Engine and
 #            OpenAI client on SmolLM2 (INT4 and BF16 servers); OUT_DIR/faces/summary.json
-#   eval     python tests/gpu/eval_servers.py: eval --server through one server per KV mode
-#   reliability  python tests/gpu/reliability.py --duration $SOAK_S (default 900)
+#   eval     python dev/gpu/eval_servers.py: eval --server through one server per KV mode
+#   reliability  python dev/gpu/reliability.py --duration $SOAK_S (default 900)
 #   serve    python -m saw_sglang.bench serve on the Qwen3-8B-shaped dummy model, $SERVE_ARGS
 #            (default --budget)
 # install..faces run by default; eval, reliability and serve only when named in --only.
@@ -74,7 +74,7 @@ run_step() {
 
 step_install() {
   if [ ! -f "$PARTS/install.sh" ]; then
-    echo "no $PARTS/install.sh: stash the parts first (tools/gpu/stash_part.sh)"; return 3
+    echo "no $PARTS/install.sh: stash the parts first (dev/gpu/stash_part.sh)"; return 3
   fi
   bash "$PARTS/install.sh" "$SITE" || return $?
   # Our package from this working tree (always fresh); the carried wheel if that fails.
@@ -112,10 +112,10 @@ step_bench() {
 }
 
 step_e2e() {
-  if [ ! -f tests/gpu/e2e_serve.py ]; then
-    echo "tests/gpu/e2e_serve.py is not in this tree: skipped"; return 99
+  if [ ! -f dev/gpu/e2e_serve.py ]; then
+    echo "dev/gpu/e2e_serve.py is not in this tree: skipped"; return 99
   fi
-  "$PY" tests/gpu/e2e_serve.py --model "$MODELS/smollm2-135m-instruct" \
+  "$PY" dev/gpu/e2e_serve.py --model "$MODELS/smollm2-135m-instruct" \
     --dummy-model "$MODELS/qwen3-8b-shape" --out "$OUT/e2e"
 }
 
@@ -125,11 +125,11 @@ step_faces() {
 }
 
 step_eval() {
-  "$PY" tests/gpu/eval_servers.py --model "$MODELS/smollm2-135m-instruct" --out "$OUT/eval"
+  "$PY" dev/gpu/eval_servers.py --model "$MODELS/smollm2-135m-instruct" --out "$OUT/eval"
 }
 
 step_reliability() {
-  "$PY" tests/gpu/reliability.py --model "$MODELS/smollm2-135m-instruct" --duration "${SOAK_S:-900}" \
+  "$PY" dev/gpu/reliability.py --model "$MODELS/smollm2-135m-instruct" --duration "${SOAK_S:-900}" \
     --out "$OUT/reliability/reliability.json" --log-dir "$OUT/reliability/logs" ${REL_ARGS:-}
 }
 

@@ -2,12 +2,12 @@
 # One device call: stash the carried bundle part(s), install, warm FlashInfer's JIT in the
 # background, run the GPU tests of the decode kernels and the backends, then the kernel
 # benchmark. Output under $OUT (logs + bench JSON/CSV/PNG).
-# usage: tools/gpu/session_check.sh [BENCH_ARGS...]
+# usage: dev/gpu/session_check.sh [BENCH_ARGS...]
 set -o pipefail
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
-tools/gpu/stash_part.sh .gpu-carry /tmp/parts > "$OUT/stash.log" 2>&1; el "stash rc=$?"
+dev/gpu/stash_part.sh .gpu-carry /tmp/parts > "$OUT/stash.log" 2>&1; el "stash rc=$?"
 if [ -d .gpu-carry/models ]; then mkdir -p /tmp/models && cp -r .gpu-carry/models/* /tmp/models/; fi
-tools/gpu/run_all.sh "$OUT/run" --only install > "$OUT/install.log" 2>&1 || { el "install failed"; tail -30 "$OUT/install.log"; exit 1; }
+dev/gpu/run_all.sh "$OUT/run" --only install > "$OUT/install.log" 2>&1 || { el "install failed"; tail -30 "$OUT/install.log"; exit 1; }
 el installed
 export PYTHONPATH=/tmp/site-self:/tmp/site PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Copy carried bundle parts into the parts folder and check them.
-# usage: tools/gpu/stash_part.sh [CARRY_DIR] [PARTS_DIR]   (defaults: .gpu-carry /tmp/parts)
+# usage: dev/gpu/stash_part.sh [CARRY_DIR] [PARTS_DIR]   (defaults: .gpu-carry /tmp/parts)
 # CARRY_DIR holds part1/, part2/, ... (each: one bundle part + manifest.json, SHA256SUMS,
 # install.sh) and optionally self/ (our wheel). Parts arrive over several calls; each
 # call stashes what it carried. Exit 0 when all parts are there and good, 1 while some
@@ -31,4 +31,4 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "still missing: ${missing[*]}"
   exit 1
 fi
-echo "all $(wc -l < SHA256SUMS) parts present in $PARTS; next: tools/gpu/run_all.sh OUT --only install"
+echo "all $(wc -l < SHA256SUMS) parts present in $PARTS; next: dev/gpu/run_all.sh OUT --only install"

@@ -1,6 +1,6 @@
 """End-to-end serving check on a GPU: stock SGLang (BF16 KV) vs saw-sglang int4.
 
-    python tests/gpu/e2e_serve.py --model SMOLLM2_DIR --dummy-model QWEN3_8B_SHAPED_DIR \
+    python dev/gpu/e2e_serve.py --model SMOLLM2_DIR --dummy-model QWEN3_8B_SHAPED_DIR \
         --out /tmp/e2e
 
 Starts (each health-waited, always killed, logs in --out):

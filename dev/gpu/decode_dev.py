@@ -3,21 +3,19 @@ tensor-core (Gluon) kernel against the fp32 reference at many shapes (and CUDA-g
 replay), then timing of kernel variants against the portable Triton kernel and
 FlashInfer BF16 (median of CUDA-graph replays, bench.kernels.time_fns).
 
-usage: python tools/gpu/decode_dev.py [--check] [--time] [--variants JSON] [--shapes ...]
+usage: python dev/gpu/decode_dev.py [--check] [--time] [--variants JSON] [--shapes ...]
 """
 import argparse
 import json
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests"))
-from decode_cases import errors, make_case  # noqa: E402
-from saw_sglang.kernels import reference as ref  # noqa: E402
-from saw_sglang.kernels.decode import alloc_workspace, decode_attention  # noqa: E402
-from saw_sglang.bench.kernels import time_fns  # noqa: E402
+from saw_sglang.bench.kernels import time_fns
+from saw_sglang.kernels import reference as ref
+from saw_sglang.kernels.decode import alloc_workspace, decode_attention
+from saw_sglang.kernels.testing import errors, make_case
 
 
 def check(variants):

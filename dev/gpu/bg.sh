@@ -2,13 +2,13 @@
 # Background jobs that outlive one device call (each call may run 10 minutes; a job
 # chain may run longer while calls follow each other within the warm window).
 #
-#   tools/gpu/bg.sh snapshot DIR          copy this working tree to DIR (later calls
+#   dev/gpu/bg.sh snapshot DIR          copy this working tree to DIR (later calls
 #                                         re-sync the tree; jobs run from the copy)
-#   tools/gpu/bg.sh start NAME GPUS CMD   run `bash -c CMD` detached, CUDA_VISIBLE_DEVICES=GPUS,
+#   dev/gpu/bg.sh start NAME GPUS CMD   run `bash -c CMD` detached, CUDA_VISIBLE_DEVICES=GPUS,
 #                                         log $BG/NAME.log, exit status in $BG/NAME.rc
-#   tools/gpu/bg.sh wait SECONDS NAME...  until every NAME has finished or SECONDS pass;
+#   dev/gpu/bg.sh wait SECONDS NAME...  until every NAME has finished or SECONDS pass;
 #                                         prints each log's tail; exit 0 when all finished
-#   tools/gpu/bg.sh status                one line per job
+#   dev/gpu/bg.sh status                one line per job
 # BG=/tmp/bg by default.
 set -uo pipefail
 BG="${BG:-/tmp/bg}"

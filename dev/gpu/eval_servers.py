@@ -1,7 +1,7 @@
 """Accuracy through the real serving path on a GPU: one server per KV mode, scored by
 `python -m saw_sglang.eval --server` on the same windows as the simulated modes.
 
-    python tests/gpu/eval_servers.py --model /tmp/models/smollm2-135m-instruct --out /tmp/eval-gpu
+    python dev/gpu/eval_servers.py --model /tmp/models/smollm2-135m-instruct --out /tmp/eval-gpu
 
 Starts the servers together (each with a capped pool, so they share the GPU), waits
 for all to be healthy, runs the evaluation (simulated modes on the GPU + every server

@@ -1,6 +1,6 @@
 """Reliability suite for a SAW-INT4 server (run on a GPU host; not collected by pytest).
 
-    python tests/gpu/reliability.py --model /tmp/models/smollm2-135m-instruct \
+    python dev/gpu/reliability.py --model /tmp/models/smollm2-135m-instruct \
         --duration 900 --out reliability.json
 
 Phases, all against servers it starts itself on 127.0.0.1 (stopped on exit,

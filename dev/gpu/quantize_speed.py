@@ -1,6 +1,6 @@
 """Time the INT4 cache write: rotation on (K, K+V) vs off vs a BF16 slot store.
 
-    python tests/gpu/quantize_speed.py [--sweep]
+    python dev/gpu/quantize_speed.py [--sweep]
 
 Prints microseconds per layer write (CUDA-graph timed), the achieved bandwidth and
 the rotation overhead (target: K-rotation <= 1.05x the no-rotation kernel); "K dense"

@@ -5,8 +5,8 @@ variants that change one thing each (launch configuration, groups, rotation, GQA
 in its own process so a fault fails that variant alone, then, when compute-sanitizer is
 on the PATH, the faulting case under memcheck. Prints one line per variant.
 
-usage: python tools/gpu/diag_prefix_groups.py [--jobs 4] [--no-sanitizer]
-       python tools/gpu/diag_prefix_groups.py --case '{"d": 64, ...}'   (one variant)
+usage: python dev/gpu/diag_prefix_groups.py [--jobs 4] [--no-sanitizer]
+       python dev/gpu/diag_prefix_groups.py --case '{"d": 64, ...}'   (one variant)
 """
 
 import argparse
@@ -17,7 +17,6 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests")
 BASE = dict(d=64, g=32, hq=9, hkv=3, rot="kv")
 VARIANTS = [
     ("faulting case", {}),
@@ -39,9 +38,8 @@ LAUNCH_KEYS = ("num_stages", "block_n", "block_rows", "num_warps")
 def run_case(spec: dict) -> None:
     import torch
 
-    sys.path.insert(0, TESTS)
-    from test_prefix import check, make_cache, make_queries
     from saw_sglang.kernels.format import Int4KVFormat
+    from saw_sglang.kernels.testing import check_prefix, make_cache, make_queries
 
     fmt = Int4KVFormat(head_dim=spec["d"], group_size=spec["g"],
                        rotation="none" if spec["rot"] == "none" else "hadamard",
@@ -52,7 +50,7 @@ def run_case(spec: dict) -> None:
                              spare_pages=300, device=dev)
     q, qo = make_queries([512, 1, 300, 77], spec["hq"], spec["d"], gen, device=dev)
     kw = {k: spec[k] for k in LAUNCH_KEYS if k in spec}
-    check(q, qo, cache, fmt, 16, **kw)
+    check_prefix(q, qo, cache, fmt, 16, **kw)
     if dev == "cuda":
         torch.cuda.synchronize()
 

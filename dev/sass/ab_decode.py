@@ -3,19 +3,16 @@ heads, D=128, K rotated, random slots): each variant against the first, same inp
 timed as CUDA-graph replays (saw_sglang.bench.kernels.time_fns) with a preallocated
 output and split workspace, so the figures are kernel time, not Python launch time
 (run 8's plain-loop timing was launch-bound below ~0.2 ms).
-usage: python tools/sass/ab_decode.py [--batch 16 64] [--ctx 8192] [--page 1 16]
+usage: python dev/sass/ab_decode.py [--batch 16 64] [--ctx 8192] [--page 1 16]
        [--variants "block_h=16" "block_h=8" "block_h=4"]"""
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../tests"))
-from decode_cases import make_case  # noqa: E402
-from saw_sglang.kernels import reference as ref  # noqa: E402
-from saw_sglang.bench.kernels import time_fns  # noqa: E402
-from saw_sglang.kernels.decode import alloc_workspace, decode_attention, plan_splits  # noqa: E402
+from saw_sglang.bench.kernels import time_fns
+from saw_sglang.kernels import reference as ref
+from saw_sglang.kernels.decode import alloc_workspace, decode_attention, plan_splits
+from saw_sglang.kernels.testing import make_case
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--batch", type=int, nargs="+", default=[16, 64])

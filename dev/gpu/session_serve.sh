@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call after session_check.sh on the same warm machine: the serving sweep,
 # BF16 vs SAW-INT4, Qwen3-8B-shaped dummy model, SGLang's bench_serving (bench serve).
-# usage: tools/gpu/session_serve.sh [extra bench serve args]
+# usage: dev/gpu/session_serve.sh [extra bench serve args]
 set -o pipefail
 export PYTHONPATH=/tmp/site-self:/tmp/site PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
   TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \

@@ -1,6 +1,6 @@
 """The image's entry point and readiness check on a GPU, without Docker:
 
-    python tests/gpu/deploy_warm.py --model QWEN3_8B_SHAPED_DIR --load-format dummy --out /tmp/deploy
+    python dev/gpu/deploy_warm.py --model QWEN3_8B_SHAPED_DIR --load-format dummy --out /tmp/deploy
 
 Starts `python -m saw_sglang.deploy.entrypoint --model-path MODEL ...` (what the image
 runs) with fresh kernel caches under OUT/.cache (TRITON_CACHE_DIR, FlashInfer's

@@ -2,8 +2,8 @@
 bundled ptxas) and print its instruction mix, shared memory and registers, like
 compile_decode.py does for the decode kernel. Defaults = the shipped head_dim-128 launch
 (128 rows = 32 query tokens x GQA 4, BLOCK_N 64, 8 warps, 2 stages, K rotated, page 1).
-usage: python tools/sass/compile_prefix.py [--rows 128] [--block-n 64] [--warps 8]
-       [--stages 2] [--gqa 4] [--group 128] [--page 1] [--dump | python tools/sass/loop_stats.py]"""
+usage: python dev/sass/compile_prefix.py [--rows 128] [--block-n 64] [--warps 8]
+       [--stages 2] [--gqa 4] [--group 128] [--page 1] [--dump | python dev/sass/loop_stats.py]"""
 import argparse
 import os
 import sys

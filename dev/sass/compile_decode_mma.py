@@ -2,8 +2,8 @@
 machine without a GPU and print its shared memory, registers and instruction mix; with
 --dump the SASS goes to stdout for loop_stats.py (the main loop = one block of BLOCK_N
 tokens per warp; "per token" = loop / BLOCK_N).
-usage: python tools/sass/compile_decode_mma.py [--d 128] [--gqa 4] [--page 1] [--block-n 32]
-       [--stages 3] [--heads 4] [--cap 0] [--direct 0] [--dump | python tools/sass/loop_stats.py]"""
+usage: python dev/sass/compile_decode_mma.py [--d 128] [--gqa 4] [--page 1] [--block-n 32]
+       [--stages 3] [--heads 4] [--cap 0] [--direct 0] [--dump | python dev/sass/loop_stats.py]"""
 import argparse
 import collections
 import os

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Test and benchmark an unmerged kernel branch on the GPU host beside main's installed copy.
 #   here:  git archive BRANCH | gzip > .gpu-carry/self/NAME.tgz   (stashed into /tmp/parts)
-#   there: tools/gpu/branch_bench.sh TGZ OUT_DIR [AB_ARGS...]
+#   there: dev/gpu/branch_bench.sh TGZ OUT_DIR [AB_ARGS...]
 # Installs the branch into its own site folder (the bundle in $SITE stays), then from the
 # branch's tree: its GPU tests ($TESTS, default the decode tests), the kernel benchmark
 # (BENCH=1: --quick, ratios vs FlashInfer BF16 in that process), `python3 $EXTRA` when
-# set (e.g. EXTRA=tests/gpu/quantize_speed.py), and, when the branch has it and AB_ARGS
-# are given, tools/sass/ab_decode.py AB_ARGS.
+# set (e.g. EXTRA=dev/gpu/quantize_speed.py), and, when the branch has it and AB_ARGS
+# are given, dev/sass/ab_decode.py AB_ARGS.
 set -uo pipefail
+[ $# -ge 2 ] || { sed -n '2,9p' "$0"; exit 2; }
 TGZ="$1" OUT="$2"; shift 2
 SITE="${SITE:-/tmp/site}" PY="${PYTHON:-python3}"
 TESTS="${TESTS:-tests/gpu/test_decode_gpu.py}" BENCH="${BENCH:-1}" EXTRA="${EXTRA:-}"
@@ -28,7 +29,7 @@ fi
 if [ -n "$EXTRA" ]; then
   timeout 300 "$PY" $EXTRA 2>&1 | tail -n 40 | tee "$OUT/extra.txt" || rc=1
 fi
-if [ -f tools/sass/ab_decode.py ] && [ $# -gt 0 ]; then
-  timeout 300 "$PY" tools/sass/ab_decode.py "$@" 2>&1 | tee "$OUT/ab_decode.txt" || rc=1
+if [ -f dev/sass/ab_decode.py ] && [ $# -gt 0 ]; then
+  timeout 300 "$PY" dev/sass/ab_decode.py "$@" 2>&1 | tee "$OUT/ab_decode.txt" || rc=1
 fi
 exit $rc

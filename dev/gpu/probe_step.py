@@ -11,20 +11,17 @@
 3. With --prefix-sweep, the prefix kernel's launch configurations (rows, BLOCK_N, warps,
    stages) at that shape, each against the shipped default.
 
-usage: python tools/gpu/probe_step.py [--bs 32 128] [--iters 200] [--prefix-sweep]
+usage: python dev/gpu/probe_step.py [--bs 32 128] [--iters 200] [--prefix-sweep]
 """
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../tests"))
-from test_prefix import make_cache, make_queries  # noqa: E402
-from saw_sglang.kernels.format import Int4KVFormat  # noqa: E402
-from saw_sglang.kernels.prefix import prefix_attention  # noqa: E402
-from saw_sglang.patches import int4_attention as ia  # noqa: E402
+from saw_sglang.kernels.format import Int4KVFormat
+from saw_sglang.kernels.prefix import prefix_attention
+from saw_sglang.kernels.testing import make_cache, make_queries
+from saw_sglang.patches import int4_attention as ia
 
 
 def host_us(fn, iters):
