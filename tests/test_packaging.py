@@ -2,6 +2,7 @@
 
 import importlib
 import importlib.metadata as md
+import os
 import pathlib
 import subprocess
 import sys
@@ -27,15 +28,23 @@ def test_no_top_level_kernels_package_shipped():
 
 
 def test_installed_copy_does_not_expose_top_level_kernels(tmp_path):
-    """Outside the repo (no cwd on sys.path), `import kernels` is never ours:
-    SGLang's `kernels` dependency must not be shadowed."""
+    """`import kernels` is never ours where the repository root is not on sys.path (SGLang's
+    `kernels` dependency must not be shadowed). The same probe run from the root, where
+    Python puts the cwd on sys.path, does find our folder: the probe can see it, and that
+    is why the GPU-host drivers set PYTHONSAFEPATH."""
     code = (
         "import importlib.util, saw_sglang.kernels as k, saw_sglang.patches as p;"
         "s = importlib.util.find_spec('kernels'); print(s.origin if s else None)"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path,
-                         capture_output=True, text=True, check=True)
-    assert str(ROOT / "kernels") not in out.stdout
+    ours = str(ROOT / "kernels" / "__init__.py")
+
+    def origin(cwd, **env):
+        return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                              check=True, env={**os.environ, **env}).stdout.strip()
+
+    assert origin(ROOT) == ours
+    assert origin(ROOT, PYTHONSAFEPATH="1") != ours
+    assert origin(tmp_path) != ours
 
 
 def test_every_subpackage_is_listed_in_pyproject():
@@ -66,3 +75,6 @@ def test_built_wheel_has_namespace_layout(tmp_path):
     assert "saw_sglang/kernels/__init__.py" in names
     assert "saw_sglang/patches/__init__.py" in names
     assert not any(n.startswith(("kernels/", "patches/")) for n in names)
+    # lab tooling and this project's own GPU host list stay out of what users install
+    assert not any(n.startswith(("dev/", "tests/")) or "h200" in n for n in names)
+    assert "saw_sglang/tools/sets/sglang-0.5.17.txt" in names
