@@ -4,11 +4,14 @@ import importlib
 import importlib.metadata as md
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tomllib
 
 import pytest
+
+from saw_sglang.tools.wheelhouse import NOT_SOURCE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -59,10 +62,13 @@ def test_every_subpackage_is_listed_in_pyproject():
 
 
 def test_built_wheel_has_namespace_layout(tmp_path):
-    """A non-editable build puts kernels/ and patches/ under saw_sglang/."""
+    """A non-editable build puts kernels/ and patches/ under saw_sglang/. Built from a copy
+    of the source: an in-tree build reuses build/lib, where files deleted since linger."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(*NOT_SOURCE))
     out = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "-w", str(tmp_path), str(ROOT)],
+         "-w", str(tmp_path), str(src)],
         capture_output=True, text=True,
     )
     if out.returncode != 0 and "No module named" in out.stderr and "setuptools" in out.stderr:

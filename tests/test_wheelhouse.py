@@ -9,6 +9,7 @@ import os
 import pathlib
 import random
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -148,6 +149,20 @@ def test_our_wheel_builds_in_isolation_unless_setuptools_can(monkeypatch, setupt
     versions = {"setuptools": setuptools, "wheel": wheel}
     monkeypatch.setattr(W, "_version", lambda dist: versions[dist])
     assert W.build_isolation_args() == ([] if isolated else ["--no-build-isolation"])
+
+
+def test_our_wheel_leaves_stale_build_outputs_behind(tmp_path, monkeypatch):
+    """A module deleted from the source but still in an old build/lib does not ship."""
+    root = tmp_path / "checkout"
+    shutil.copytree(ROOT, root, ignore=shutil.ignore_patterns(*W.NOT_SOURCE))
+    stale = root / "build" / "lib" / "saw_sglang" / "tools" / "stale_module.py"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("")
+    monkeypatch.setattr(W, "ROOT", root)
+    monkeypatch.setattr(W, "build_isolation_args", lambda: ["--no-build-isolation"])
+    names = zipfile.ZipFile(W.build_self(tmp_path / "parts")).namelist()
+    assert "saw_sglang/tools/wheelhouse.py" in names
+    assert not any("stale_module" in n for n in names)
 
 
 # ---------------------------------------------------------------- parts

@@ -29,6 +29,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 
 from saw_sglang.cli import HINT, Parser, fail
@@ -44,6 +45,9 @@ DEFAULT_PLATFORMS = ["manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinu
                      "manylinux_2_26_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
                      "manylinux2014_x86_64"]
 BUNDLE_STEM = "saw-bundle.tar"
+# What a checkout holds besides its source: left out of the copy our wheel is built from.
+NOT_SOURCE = (".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", "wheelhouse", ".gpu-carry",
+              "out", "eval-out")
 
 
 def norm(name: str) -> str:
@@ -183,12 +187,16 @@ def unmet_requirements(wheels: list[pathlib.Path], host: dict, python: str) -> d
 
 
 def build_self(out_dir: pathlib.Path) -> pathlib.Path:
-    """Our own wheel, built from the source tree (pure Python)."""
+    """Our own wheel (pure Python), built from a copy of the source tree without its build
+    outputs: an in-tree build reuses build/lib, where files deleted since would ship."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("saw_sglang-*.whl"):
         old.unlink()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *build_isolation_args(),
-                    "-q", "-w", str(out_dir), str(ROOT)], check=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = pathlib.Path(tmp) / "src"
+        shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(*NOT_SOURCE))
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *build_isolation_args(),
+                        "-q", "-w", str(out_dir.resolve()), str(src)], check=True)
     (wheel,) = out_dir.glob("saw_sglang-*.whl")
     return wheel
 
