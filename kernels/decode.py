@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import decode_triton
-from .format import Int4KVFormat
+from .format import Int4KVFormat, served_problem
 from .tiles import hadamard_signs, split_length
 
 DEFAULT_NUM_SMS = 132
@@ -263,11 +263,9 @@ def _check(q, k_data, k_scales, v_data, v_scales, fmt: Int4KVFormat):
     hkv = k_data.shape[1]
     if hq % hkv:
         raise ValueError(f"q heads {hq} not a multiple of kv heads {hkv}")
-    gs = fmt.group_size
-    if d not in (64, 128, 256) or gs < 4 or gs & (gs - 1):
-        raise ValueError(
-            f"decode kernel supports head_dim 64/128/256 and power-of-two group sizes >= 4 "
-            f"(got head_dim {d}, group {gs})")
+    problem = served_problem(fmt)
+    if problem:
+        raise ValueError(f"decode_attention: {problem}")
     for name, t, shape in (("k_data", k_data, fmt.data_shape(k_data.shape[0], hkv)),
                            ("v_data", v_data, fmt.data_shape(v_data.shape[0], hkv)),
                            ("k_scales", k_scales, fmt.scale_shape(k_scales.shape[0], hkv)),

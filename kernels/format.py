@@ -28,6 +28,14 @@ import torch
 # max - min <= 2*CLAMP and scale = (max - min) / 15 stays finite in fp16 (max 65504).
 CLAMP = 30000.0
 ROTATIONS = ("hadamard", "none")
+# The formats the INT4 attention kernels read, and so the ones a server runs: the one
+# statement of it, which the decode and prefix kernels, the startup refusals and the
+# flag checks all ask (served_problem). Any Int4KVFormat is a valid format (the accuracy
+# tool simulates others); the kernels' tiles take these head dims, the prefix kernel
+# groups of at least MIN_SERVED_GROUP channels (which also keeps a scale row no longer
+# than a data row, as SGLang's slot moves need).
+SERVED_HEAD_DIMS = (64, 128, 256)
+MIN_SERVED_GROUP = 32
 
 
 def group_examples(head_dim: int, candidates) -> str:
@@ -127,6 +135,15 @@ class Int4KVFormat:
             f"{self.bytes_per_token_head} B per token-head vs {2 * self.head_dim} B BF16, "
             f"{self.compression_vs():.2f}x smaller)"
         )
+
+
+def served_problem(fmt: Int4KVFormat) -> str | None:
+    """Why the INT4 attention kernels cannot read `fmt`, in one line; None when they can."""
+    if fmt.head_dim in SERVED_HEAD_DIMS and fmt.group_size >= MIN_SERVED_GROUP:
+        return None
+    dims = "/".join(map(str, SERVED_HEAD_DIMS))
+    return (f"the INT4 attention kernels read head_dim {dims} with groups of at least "
+            f"{MIN_SERVED_GROUP} channels (got head_dim {fmt.head_dim}, group size {fmt.group_size})")
 
 
 def hadamard(block_size: int, dtype=torch.float32, device="cpu", normalized=True) -> torch.Tensor:

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .format import Int4KVFormat, block_hadamard
+from .format import Int4KVFormat, block_hadamard, served_problem
 from .tiles import hadamard_signs, online_softmax_step, softcap_exp2
 
 LOG2E = 1.4426950408889634
@@ -262,11 +262,9 @@ def prefix_attention(
     hkv = k_data.shape[1]
     if hq % hkv:
         raise ValueError(f"query heads {hq} are not a multiple of KV heads {hkv}")
-    if fmt.group_size < 32 or d not in (64, 128, 256):
-        raise ValueError(
-            f"prefix_attention supports head_dim 64/128/256 and group size >= 32, "
-            f"got head_dim {d}, group {fmt.group_size}"
-        )
+    problem = served_problem(fmt)
+    if problem:
+        raise ValueError(f"prefix_attention: {problem}")
     if q.stride(-1) != 1:
         q = q.contiguous()
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -8,7 +8,7 @@ import logging
 from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-from saw_sglang.config import SawConfig
+from saw_sglang.config import served_format
 
 from ._util import is_int4, wrap
 from .quant_method import NAME, SawInt4KVCacheMethod
@@ -55,7 +55,7 @@ def _build_mha(orig):
                 mha_pool_class=mha_pool_class, quant_method=quant_method,
             )
         global LAST_REPORT
-        fmt = SawConfig.from_object(self.server_args).fmt(self.model_config.head_dim)
+        fmt = served_format(self.server_args, self.model_config.head_dim)
         pool = orig(
             self, max_total_num_tokens=max_total_num_tokens,
             mha_pool_class=MHATokenToKVPool, quant_method=SawInt4KVCacheMethod(fmt),

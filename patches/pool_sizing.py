@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator
 
-from saw_sglang.config import SawConfig
+from saw_sglang.config import served_format
 
 from ._util import is_int4, wrap
 
@@ -17,7 +17,7 @@ def int4_cell_size(kvc, num_layers: int) -> int:
     from sglang.srt.runtime_context import get_parallel
 
     mc = kvc.model_config
-    fmt = SawConfig.from_object(kvc.server_args).fmt(mc.head_dim)
+    fmt = served_format(kvc.server_args, mc.head_dim)
     return fmt.bytes_per_token(mc.get_num_kv_heads(get_parallel().attn_tp_size), num_layers)
 
 

@@ -30,9 +30,9 @@ from saw_sglang.config import (
     add_cli_args,
     check_backends,
     check_flags,
-    check_serving_groups,
     from_namespace,
     refusal,
+    served_format,
 )
 
 from ._util import is_int4, wrap
@@ -225,7 +225,7 @@ def validate(args) -> None:
     if str(args.model_path).lower() not in ("none", "dummy"):
         model_config = args.get_model_config()
         check_model(model_config)
-        check_serving_groups(SawConfig.from_object(args).fmt(model_config.head_dim))
+        served_format(args, model_config.head_dim)
     check_features(args)
 
 

@@ -14,12 +14,11 @@ import os
 from dataclasses import dataclass, fields
 
 from saw_sglang.kernels.format import ROTATIONS, Int4KVFormat, group_examples
+from saw_sglang.kernels.format import MIN_SERVED_GROUP, SERVED_HEAD_DIMS
 
 KV_CACHE_DTYPE = "int4"
 SUPPORTED_BACKENDS = ("flashinfer", "triton")  # the attention backends with INT4 kernels
 DEFAULT_BACKEND = "flashinfer"
-# The INT4 prefix (extend) kernel reads groups of at least this many channels.
-MIN_SERVING_GROUP = 32
 
 
 @dataclass(frozen=True)
@@ -58,15 +57,6 @@ class SawConfig:
                 f"--saw-hadamard-block-size / --saw-rotation (or leave them unset for "
                 f"the defaults: group {head_dim}, block {min(128, head_dim)})."
             ) from None
-        # Slot moves copy each per-layer buffer with the data row's byte count as the
-        # tile span: the scale row (4 B per group) must not be longer than the data
-        # row (head_dim / 2 B), i.e. group size >= 8.
-        if fmt.group_size < 8:
-            raise ValueError(
-                f"--saw-group-size {fmt.group_size} is too small: use at least 8 "
-                f"(a divisor of head_dim {head_dim}, e.g. "
-                f"{group_examples(head_dim, (head_dim, 32))})."
-            )
         return fmt
 
 
@@ -84,15 +74,24 @@ def check_backends(backends: dict) -> None:
             )
 
 
-def check_serving_groups(fmt: Int4KVFormat) -> None:
-    """Several groups per head: the prefix (extend) kernel supports groups >= 32."""
-    least = min(MIN_SERVING_GROUP, fmt.head_dim)
-    if fmt.group_size < least:
-        d = fmt.head_dim
-        ok = group_examples(d, [g for g in (d, d // 2, MIN_SERVING_GROUP) if g >= least])
+def served_format(options, head_dim: int) -> Int4KVFormat:
+    """The INT4 format a server runs: the --saw-* options (a SawConfig, or a ServerArgs or
+    anything else carrying saw_* attributes) for the model's head_dim; the one place a
+    run's format is built. Raises ValueError naming the model or the flag to change when
+    the INT4 attention kernels do not read it (kernels/format.py: SERVED_HEAD_DIMS,
+    MIN_SERVED_GROUP)."""
+    if head_dim not in SERVED_HEAD_DIMS:
+        raise refusal(f"head_dim {head_dim} (the INT4 kernels read head_dim "
+                      f"{', '.join(map(str, SERVED_HEAD_DIMS))})",
+                      "Serve this model with --kv-cache-dtype auto (or fp8_e4m3).")
+    cfg = options if isinstance(options, SawConfig) else SawConfig.from_object(options)
+    fmt = cfg.fmt(head_dim)
+    if fmt.group_size < MIN_SERVED_GROUP:
+        ok = group_examples(head_dim, (head_dim, head_dim // 2, MIN_SERVED_GROUP))
         raise ValueError(
-            f"--saw-group-size {fmt.group_size}: the INT4 prefix attention needs groups of "
-            f"at least {least} channels. Use {ok}, or leave it unset (one group per head).")
+            f"--saw-group-size {fmt.group_size}: the INT4 attention kernels need groups of "
+            f"at least {MIN_SERVED_GROUP} channels. Use {ok}, or leave it unset (one group per head).")
+    return fmt
 
 
 def local_head_dim(model_path) -> int | None:
@@ -124,7 +123,7 @@ def check_flags(cfg: SawConfig, model_path=None, backends: dict | None = None) -
             raise ValueError(f"{flag} {v!r}: expected a positive integer, or leave it unset.")
     head_dim = local_head_dim(model_path) if (g, b) != (None, None) else None
     if head_dim is not None:
-        check_serving_groups(cfg.fmt(head_dim))
+        served_format(cfg, head_dim)
         return
     if b is not None and b & (b - 1):
         raise ValueError(f"--saw-hadamard-block-size {b}: use a power of two dividing head_dim "

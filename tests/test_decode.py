@@ -136,6 +136,9 @@ def test_bad_inputs_are_refused():
         decode_attention(**{**case, "q": case["q"][..., :32]}, sm_scale=0.1)
     with pytest.raises(ValueError, match="workspace"):
         decode_attention(**case, sm_scale=0.1, num_splits=8, workspace=alloc_workspace(1, 8, 64, 4, "cpu"))
+    small = make_case([8], 8, 2, 64, group=16, seed=1)  # a valid format the kernels do not read
+    with pytest.raises(ValueError, match="groups of at least 32"):
+        decode_attention(**small, sm_scale=0.1)
 
 
 @pytest.mark.parametrize("page", [1, 16])

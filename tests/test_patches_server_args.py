@@ -95,7 +95,7 @@ REFUSALS = [
     (dict(attention_backend="triton", saw_hadamard_block_size=48), "power of two dividing head_dim 64"),
     (dict(attention_backend="triton", saw_hadamard_block_size=128), "power of two dividing head_dim 64"),
     (dict(attention_backend="triton", saw_group_size=24), "group size 24 must be an even divisor"),
-    (dict(attention_backend="triton", saw_group_size=4), "--saw-group-size 4 is too small"),
+    (dict(attention_backend="triton", saw_group_size=4), "--saw-group-size 4: .*groups of at least 32"),
     (dict(attention_backend="triton", saw_rotation="random"), "rotation must be one of"),
     (dict(attention_backend="triton", saw_group_size=16), "groups of at least 32.*leave it unset"),
 ]
@@ -114,6 +114,14 @@ def test_groups_of_32_accepted_smaller_refused(llama):
     with pytest.raises(ValueError, match="at least 32"):
         ServerArgs(model_path=llama, kv_cache_dtype="int4", saw_group_size=16, **CPU,
                    attention_backend="triton")
+
+
+def test_head_dims_the_kernels_do_not_read_are_refused(tmp_path):
+    """kernels/format.py's SERVED_HEAD_DIMS, asked at startup rather than at the first write."""
+    model = write(tmp_path / "m96", {**LLAMA, "head_dim": 96})
+    with pytest.raises(ValueError, match="does not support head_dim 96 .*--kv-cache-dtype auto"):
+        ServerArgs(model_path=model, kv_cache_dtype="int4", attention_backend="triton", **CPU)
+    ServerArgs(model_path=model, kv_cache_dtype="auto", attention_backend="triton", **CPU)
 
 
 def test_feature_refusals_on_resolved_args(llama):
