@@ -11,7 +11,6 @@ Targets:
   pool_sizing        DefaultPoolConfigurator._compute_cell_size -> INT4 bytes/token
   kv_pool            KVCacheConfigurator builds MHATokenToKVPool(quant_method=ours)
   fused_kv_write     enable_fused_set_kv_buffer off for INT4 pools
-  triton_v_head_dim  TritonAttnBackend reads the logical v_head_dim
   server_info        "saw_int4" capacity report in /get_server_info
   attention_flashinfer, attention_triton  INT4 attention backends (register())
 """
@@ -30,7 +29,6 @@ PATCHES = (
     "pool_sizing",
     "kv_pool",
     "fused_kv_write",
-    "triton_v_head_dim",
     "server_info",
 )
 # Attention backends: optional modules exposing register().

@@ -1,5 +1,5 @@
 """Small helpers shared by the patch modules: wrap an attribute once, and tell
-whether a server / runner / configurator runs the INT4 KV cache."""
+whether a server / runner / configurator runs the INT4 KV cache (saw_sglang.config.is_int4)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import functools
 import sys
 import types
 
-from saw_sglang.config import KV_CACHE_DTYPE
+from saw_sglang.config import is_int4  # noqa: F401  (the patches' one INT4 test)
 
 _MARK = "__saw_original__"
 
@@ -48,13 +48,3 @@ def original(fn):
     fn = fn.__func__ if isinstance(fn, (staticmethod, classmethod)) else fn
     return getattr(fn, _MARK, fn)
 
-
-def is_int4(obj) -> bool:
-    """True for "int4", or an object whose kv_cache_dtype(_str) is "int4"."""
-    if isinstance(obj, str):
-        return obj == KV_CACHE_DTYPE
-    for attr in ("kv_cache_dtype_str", "kv_cache_dtype"):
-        value = getattr(obj, attr, None)
-        if isinstance(value, str):
-            return value == KV_CACHE_DTYPE
-    return False

@@ -14,8 +14,8 @@ fresh BF16 k/v (the extend kernel with `skip_prefix=True` and `lse_extend`), the
 INT4 prefix with our prefix kernel, and merge with SGLang's Triton merge_state.
 
 `TritonAttnBackend.__init__` reads `get_value_buffer(0).shape[-1]` as v_head_dim; on the
-packed pool that is the byte width (or a whole-layer dequantisation), so the
-constructor runs with a probe that reports the logical head_dim instead.
+packed pool that is the byte width (head_dim / 2), so our constructor sets the logical
+head_dim right after it (the buffers sized from v_head_dim are allocated later).
 """
 
 from __future__ import annotations
@@ -45,11 +45,6 @@ class _Int4Meta:
         self.rows, self.prefix_rows, self.ws_indices = rows, prefix_rows, ws_indices
 
 
-def _logical_value_buffer(head_dim):
-    probe = torch.empty((0, 1, head_dim), device="meta")
-    return lambda layer_id: probe
-
-
 def _build_class():
     from sglang.kernels.ops.attention.merge_state import merge_state_triton
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
@@ -63,23 +58,13 @@ def _build_class():
         def __init__(self, model_runner, skip_prefill: bool = False, kv_indptr_buf=None):
             pool = model_runner.token_to_kv_pool
             fmt = ia.pool_format(pool)
-            had = "get_value_buffer" in vars(pool)
-            saved = vars(pool).get("get_value_buffer")
-            pool.get_value_buffer = _logical_value_buffer(fmt.head_dim)
-            try:
-                super().__init__(model_runner, skip_prefill=skip_prefill, kv_indptr_buf=kv_indptr_buf)
-            finally:
-                if had:
-                    pool.get_value_buffer = saved
-                else:
-                    del pool.get_value_buffer
+            super().__init__(model_runner, skip_prefill=skip_prefill, kv_indptr_buf=kv_indptr_buf)
+            self.v_head_dim = fmt.head_dim  # the parent read the packed byte width
             if self.use_mla or self.dcp_size > 1 or (self.sliding_window_size or 0) > 0:
                 raise NotImplementedError(
                     "INT4 KV cache with the triton backend supports full-attention MHA/GQA "
                     "models without decode context parallelism (no MLA, no sliding window)."
                 )
-            if self.v_head_dim != fmt.head_dim:
-                raise RuntimeError(f"v_head_dim {self.v_head_dim} != INT4 pool head_dim {fmt.head_dim}")
             mc = model_runner.model_config
             self.int4_fmt = fmt
             self.int4_num_kv_heads = mc.get_num_kv_heads(get_parallel().attn_tp_size)

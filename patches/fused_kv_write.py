@@ -8,12 +8,7 @@ from __future__ import annotations
 from sglang.srt.models import utils as target
 
 from ._util import wrap
-from .quant_method import NAME
-
-
-def is_int4_pool(pool) -> bool:
-    method = getattr(pool, "quant_method", None)
-    return getattr(method, "name", None) == NAME
+from .quant_method import is_int4_pool
 
 
 def _enable(orig):

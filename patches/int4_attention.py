@@ -23,10 +23,11 @@ from typing import Callable, Optional
 
 import torch
 
+from ._util import is_int4
+
 logger = logging.getLogger(__name__)
 
 LOG2E = 1.0 / math.log(2.0)  # natural-log lse -> FlashInfer's base-2 lse
-INT4 = "int4"
 
 
 # ---------------------------------------------------------------------------------
@@ -76,13 +77,6 @@ def warm_up_kernels(runner, pool, num_q_heads: int, num_kv_heads: int) -> None:
 
 # ---------------------------------------------------------------------------------
 # Registry
-def is_int4_run(runner) -> bool:
-    if getattr(runner, "kv_cache_dtype_str", None) == INT4:
-        return True
-    server_args = getattr(runner, "server_args", None)
-    return getattr(server_args, "kv_cache_dtype", None) == INT4
-
-
 def wrap_backend_factory(name: str, build_int4: Callable) -> Callable:
     """Replace ATTENTION_BACKENDS[name] with a factory that builds the INT4 variant for
     int4 runs and calls the original factory otherwise. Idempotent."""
@@ -94,7 +88,7 @@ def wrap_backend_factory(name: str, build_int4: Callable) -> Callable:
     original = current
 
     def factory(runner):
-        if is_int4_run(runner):
+        if is_int4(runner):
             return build_int4(runner)
         return original(runner)
 

@@ -27,6 +27,11 @@ from saw_sglang.kernels.format import Int4KVFormat
 NAME = "saw_int4"
 
 
+def is_int4_pool(pool) -> bool:
+    """Whether a KV pool is ours (SGLang's pool with this quant method)."""
+    return getattr(getattr(pool, "quant_method", None), "name", None) == NAME
+
+
 def _load_kernels(device) -> tuple:
     """(quantize_and_store, dequantize) implementations for buffers on `device`.
 

@@ -60,6 +60,20 @@ class SawConfig:
         return fmt
 
 
+def is_int4(obj) -> bool:
+    """Whether a run uses the INT4 KV cache: "int4" itself, or an object (ServerArgs, model
+    runner, pool configurator) whose own kv_cache_dtype(_str) is "int4", else whose
+    server_args' is. The one test every patch asks."""
+    if isinstance(obj, str):
+        return obj == KV_CACHE_DTYPE
+    for attr in ("kv_cache_dtype_str", "kv_cache_dtype"):
+        value = getattr(obj, attr, None)
+        if isinstance(value, str):
+            return value == KV_CACHE_DTYPE
+    server_args = getattr(obj, "server_args", None)
+    return server_args is not None and is_int4(server_args)
+
+
 def refusal(what: str, fix: str) -> ValueError:
     return ValueError(f"--kv-cache-dtype int4 does not support {what}. {fix}")
 

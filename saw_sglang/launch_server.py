@@ -22,7 +22,7 @@ PROG = "python -m saw_sglang.launch_server"
 def precheck(argv: list[str]) -> None:
     """The int4 flags that need neither SGLang nor the model (raises ValueError or
     exits with argparse's one-line error)."""
-    from saw_sglang.config import KV_CACHE_DTYPE, SawConfig, add_cli_args, check_flags, from_namespace
+    from saw_sglang.config import SawConfig, add_cli_args, check_flags, from_namespace, is_int4
 
     if "-h" in argv or "--help" in argv:
         return
@@ -33,7 +33,7 @@ def precheck(argv: list[str]) -> None:
         p.add_argument(f"--{phase}attention-backend")
     add_cli_args(p)
     ns, _ = p.parse_known_args(argv)
-    if ns.kv_cache_dtype == KV_CACHE_DTYPE:
+    if is_int4(ns):
         check_flags(SawConfig(**from_namespace(ns)), ns.model_path,
                     {"prefill": ns.prefill_attention_backend or ns.attention_backend,
                      "decode": ns.decode_attention_backend or ns.attention_backend})

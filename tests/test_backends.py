@@ -504,8 +504,6 @@ def test_triton_backend_init_reports_logical_head_dim(server_args, parallel):
     r2t = torch.zeros(3, 16, dtype=torch.int32)
     b = backend_class()(_runner(pool, r2t, 4, 2, 64, 1, 16, server_args))
     assert b.v_head_dim == 64
-    assert "get_value_buffer" not in vars(pool)  # the probe is gone
-    assert pool.get_value_buffer(0).shape[-1] == 32
 
 
 @pytest.mark.parametrize("rot_v", [False, True])
