@@ -1,8 +1,8 @@
 """`python -m saw_sglang.launch_server`: SGLang's server with the INT4 KV cache.
 
 Every SGLang flag passes through unchanged; `--kv-cache-dtype int4` and the
-`--saw-*` options are added. The patches are applied here explicitly and, through
-the plugin entry point, in every worker SGLang spawns.
+`--saw-*` options are added. The patches are applied here once and, through the
+plugin entry point, in every worker SGLang spawns.
 
 Bad input ends in one line on stderr and exit code 2: our flags are checked before
 SGLang is even imported, SGLang's own argument errors and refusals before any model
@@ -40,12 +40,16 @@ def precheck(argv: list[str]) -> None:
 
 
 def prepare_server_args(argv: list[str]):
-    """ServerArgs from a command line (SGLang's parser + ours, patches applied)."""
+    """ServerArgs from a command line (SGLang's parser + ours). Our patches are applied here,
+    directly, so that an unsupported SGLang is a one-line error (SGLang logs and goes on
+    past a failing plugin); then SGLang's other plugins load, as its own launcher does."""
     from saw_sglang.patches import apply_all
 
     apply_all()
+    from sglang.srt.plugins import load_plugins
     from sglang.srt.server_args import prepare_server_args as sglang_prepare
 
+    load_plugins()
     with one_line_errors(PROG):
         return sglang_prepare(argv)
 
@@ -56,12 +60,6 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         precheck(argv)
-        from saw_sglang.patches import apply_all
-
-        apply_all()
-        from sglang.srt.plugins import load_plugins
-
-        load_plugins()
         server_args = prepare_server_args(argv)
     except (ValueError, UnsupportedSGLangVersion) as e:
         fail(PROG, e)
