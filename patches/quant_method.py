@@ -32,25 +32,12 @@ def is_int4_pool(pool) -> bool:
     return getattr(getattr(pool, "quant_method", None), "name", None) == NAME
 
 
-def _load_kernels(device) -> tuple:
-    """(quantize_and_store, dequantize) implementations for buffers on `device`.
+def _load_kernels() -> tuple:
+    """(quantize_and_store, dequantize): the Triton kernels, on every device (the CPU runs
+    them under the Triton interpreter). Imported on first use, not when the plugin loads."""
+    from saw_sglang.kernels import quantize as q
 
-    The Triton kernels are required wherever they can run; only a CPU pool without
-    them (the unit tests, before the kernels exist) may use the torch reference."""
-    try:
-        from saw_sglang.kernels import quantize as q
-
-        return q.quantize_and_store, q.dequantize
-    except (ImportError, AttributeError) as e:
-        if torch.device(device).type != "cpu":
-            raise RuntimeError(
-                "--kv-cache-dtype int4 needs the INT4 write kernel "
-                "(saw_sglang.kernels.quantize), which failed to import: "
-                f"{e}. Reinstall saw-sglang."
-            ) from e
-        from saw_sglang.kernels import reference as ref
-
-        return ref.quantize_and_store_ref, ref.dequantize_ref
+    return q.quantize_and_store, q.dequantize
 
 
 class SawInt4KVCacheMethod(KVCacheQuantMethodBase):
@@ -63,7 +50,7 @@ class SawInt4KVCacheMethod(KVCacheQuantMethodBase):
 
     def _kernels(self, device):
         if self._quantize_and_store is None:
-            self._quantize_and_store, self._dequantize = _load_kernels(device)
+            self._quantize_and_store, self._dequantize = _load_kernels()
 
     def create_buffers(self, size, head_num, head_dim, layer_num, device) -> dict:
         if head_dim != self.fmt.head_dim:
