@@ -24,27 +24,11 @@ from __future__ import annotations
 import functools
 import logging
 
-import torch
-
 from . import int4_attention as ia
 
 logger = logging.getLogger(__name__)
 
 BACKEND = "flashinfer"
-
-
-class _Int4Meta:
-    """Per-batch metadata of the INT4 paths (decode or extend). `rows`: the token slots
-    of every request's prefix and chunk, in request order, when the extend is attended
-    through the pool (ragged wrapper planned over them); else None."""
-
-    def __init__(self, kv=None, workspace=None, num_splits=None, max_kv_len=None,
-                 qo_indptr=None, prefix=None, max_q_len=None, is_decode=True, rows=None,
-                 has_prefix=False):
-        self.kv, self.workspace, self.num_splits, self.max_kv_len = kv, workspace, num_splits, max_kv_len
-        self.qo_indptr, self.prefix, self.max_q_len, self.is_decode = qo_indptr, prefix, max_q_len, is_decode
-        self.rows, self.has_prefix = rows, has_prefix
-        self.swa_out_cache_loc = None  # read by code that inspects FlashInfer metadata
 
 
 def _build_class():
@@ -82,29 +66,24 @@ def _build_class():
 
         # -- metadata ------------------------------------------------------------
         def init_forward_metadata(self, forward_batch):
-            mode = forward_batch.forward_mode
-            ia.refuse_mode(mode)
-            if forward_batch.spec_info is not None:
-                raise NotImplementedError("INT4 KV cache does not support speculative decoding")
-            r2t = self.req_to_token_pool.req_to_token
+            ia.check_batch(forward_batch)
             P = self.int4_page_size
-            if mode.is_decode_or_idle():
+            if forward_batch.forward_mode.is_decode_or_idle():
                 lens_cpu = forward_batch.seq_lens_cpu
                 kv = ia.build_kv_index(
-                    r2t, forward_batch.req_pool_indices, forward_batch.seq_lens, P,
-                    total=ia.host_total(lens_cpu, P, forward_batch.seq_lens_sum),
+                    self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+                    forward_batch.seq_lens, P, total=ia.host_total(lens_cpu, P, forward_batch.seq_lens_sum),
                 )
-                max_len = int(lens_cpu.max()) if lens_cpu is not None and lens_cpu.numel() else None
-                s, ws = ia.eager_decode_plan(self.token_to_kv_pool, kv.kv_lens.shape[0], self.int4_num_q_heads,
-                                             self.int4_num_kv_heads, max_len, self.int4_device)
-                self.forward_metadata = _Int4Meta(kv=kv, max_kv_len=max_len, num_splits=s, workspace=ws)
+                self.forward_metadata = ia.eager_decode_meta(
+                    self.token_to_kv_pool, kv, lens_cpu, self.int4_num_q_heads, self.int4_num_kv_heads,
+                    self.int4_device)
                 return
             self.forward_metadata = self._extend_metadata(forward_batch)
 
         def _extend_metadata(self, fb):
             P = self.int4_page_size
             prefix_cpu = fb.extend_prefix_lens_cpu
-            has_prefix = any(prefix_cpu) if prefix_cpu is not None else bool(fb.extend_prefix_lens.any())
+            has_prefix = ia.has_prefix(fb)
             qo_indptr = ia.qo_indptr_from(fb.extend_seq_lens)
             prefix = rows = None
             kv_indptr = qo_indptr
@@ -127,8 +106,8 @@ def _build_class():
             )
             seq_cpu = fb.extend_seq_lens_cpu
             max_q = max(seq_cpu) if seq_cpu else None
-            return _Int4Meta(qo_indptr=qo_indptr, prefix=prefix, max_q_len=max_q, is_decode=False, rows=rows,
-                             has_prefix=has_prefix)
+            return ia.Int4Meta(qo_indptr=qo_indptr, prefix=prefix, max_q_len=max_q, rows=rows,
+                               has_prefix=has_prefix)
 
         # -- CUDA graphs (decode only) ---------------------------------------------
         def init_cuda_graph_state(self, max_bs, max_num_tokens, kv_indices_buf=None):
@@ -138,13 +117,7 @@ def _build_class():
             )
 
         def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
-            mode = forward_batch.forward_mode
-            ia.refuse_mode(mode)
-            if not mode.is_decode_or_idle() or forward_batch.spec_info is not None:
-                raise NotImplementedError(
-                    "INT4 KV cache captures decode CUDA graphs only; run with "
-                    "--disable-piecewise-cuda-graph and without prefill CUDA graphs."
-                )
+            ia.check_graph_batch(forward_batch)
             bs = forward_batch.batch_size
             g = self.int4_graph
             g.prepare(bs)
@@ -155,9 +128,7 @@ def _build_class():
                 total=ia.host_total(None if lens_cpu is None else lens_cpu[:bs],
                                     g.page_size, forward_batch.seq_lens_sum),
             )
-            self.forward_metadata = _Int4Meta(
-                kv=g.view(bs), workspace=g.workspaces[bs], num_splits=g.splits[bs]
-            )
+            self.forward_metadata = g.meta(bs, g.view(bs))
 
         def init_forward_metadata_in_graph(self, forward_batch):
             """Nothing to record: the index buffers and lens are refreshed in place out of
@@ -170,11 +141,7 @@ def _build_class():
         def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
             if k is not None and save_kv_cache:
                 self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
-            m = self.forward_metadata
-            return ia.decode_forward(
-                q, self.token_to_kv_pool, layer, m.kv, workspace=m.workspace,
-                num_splits=m.num_splits, max_kv_len=m.max_kv_len,
-            )
+            return ia.decode_forward(q, self.token_to_kv_pool, layer, self.forward_metadata)
 
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
             ia.refuse_mode(forward_batch.forward_mode)
@@ -187,12 +154,7 @@ def _build_class():
             ragged = self.prefill_wrapper_ragged
             cap = float(layer.logit_cap or 0.0)
 
-            # through the pool when the chunk was written; a chunk that was not (encoder-only
-            # layers) attends its fresh k/v, which the plan allows only without a prefix
-            if m.rows is not None and (encoder_only or not save_kv_cache) and m.has_prefix:
-                raise NotImplementedError(
-                    "INT4 KV cache: an extend over a cached prefix must write its chunk to the cache")
-            if m.rows is not None and save_kv_cache and not encoder_only:
+            if ia.attends_through_pool(m, save_kv_cache, encoder_only):
                 return ia.extend_through_pool(
                     q, self.token_to_kv_pool, layer, m.rows,
                     lambda q3, k3, v3: ragged.forward(q3.contiguous(), k3, v3, causal=True,

@@ -32,19 +32,6 @@ logger = logging.getLogger(__name__)
 BACKEND = "triton"
 
 
-class _Int4Meta:
-    """`rows`: token slots of every prefix (request order) then of the whole chunk, when
-    the extend is attended through the pool; `prefix_rows` of them are prefix rows, which
-    `ws_indices` (0..prefix_rows-1) index for SGLang's extend kernel."""
-
-    def __init__(self, kv=None, workspace=None, num_splits=None, max_kv_len=None,
-                 qo_indptr=None, prefix=None, max_q_len=None, rows=None, prefix_rows=0,
-                 ws_indices=None):
-        self.kv, self.workspace, self.num_splits, self.max_kv_len = kv, workspace, num_splits, max_kv_len
-        self.qo_indptr, self.prefix, self.max_q_len = qo_indptr, prefix, max_q_len
-        self.rows, self.prefix_rows, self.ws_indices = rows, prefix_rows, ws_indices
-
-
 def _build_class():
     from sglang.kernels.ops.attention.merge_state import merge_state_triton
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
@@ -79,28 +66,22 @@ def _build_class():
 
         # -- metadata ------------------------------------------------------------
         def init_forward_metadata(self, forward_batch):
-            mode = forward_batch.forward_mode
-            ia.refuse_mode(mode)
-            if forward_batch.spec_info is not None:
-                raise NotImplementedError("INT4 KV cache does not support speculative decoding")
+            ia.check_batch(forward_batch)
             super().init_forward_metadata(forward_batch)
             md = self.forward_metadata
-            if mode.is_decode_or_idle():
-                lens_cpu = forward_batch.seq_lens_cpu
+            if forward_batch.forward_mode.is_decode_or_idle():
                 kv = ia.KVIndex(md.kv_indptr, md.kv_indices, forward_batch.seq_lens.to(torch.int32), 1)
-                max_len = int(lens_cpu.max()) if lens_cpu is not None and lens_cpu.numel() else None
-                s, ws = ia.eager_decode_plan(self.token_to_kv_pool, kv.kv_lens.shape[0], self.num_head,
-                                             self.int4_num_kv_heads, max_len, self.device)
-                self.int4_meta = _Int4Meta(kv=kv, max_kv_len=max_len, num_splits=s, workspace=ws)
+                self.int4_meta = ia.eager_decode_meta(self.token_to_kv_pool, kv, forward_batch.seq_lens_cpu,
+                                                      self.num_head, self.int4_num_kv_heads, self.device)
                 return
             prefix_cpu = forward_batch.extend_prefix_lens_cpu
-            has_prefix = (any(prefix_cpu) if prefix_cpu is not None
-                          else bool(forward_batch.extend_prefix_lens.any()))
+            has_prefix = ia.has_prefix(forward_batch)
             prefix = None
             if has_prefix:
                 prefix = ia.KVIndex(md.kv_indptr, md.kv_indices,
                                     forward_batch.extend_prefix_lens.to(torch.int32), 1)
-            meta = _Int4Meta(qo_indptr=md.qo_indptr, prefix=prefix, max_q_len=md.max_extend_len)
+            meta = ia.Int4Meta(qo_indptr=md.qo_indptr, prefix=prefix, max_q_len=md.max_extend_len,
+                               has_prefix=has_prefix)
             n_prefix = sum(prefix_cpu) if prefix_cpu is not None else None
             n_new = forward_batch.extend_num_tokens
             if n_prefix is not None and n_new is not None and n_prefix + n_new <= ia.DEQUANT_MAX_TOKENS:
@@ -124,20 +105,14 @@ def _build_class():
             )
 
         def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
-            mode = forward_batch.forward_mode
-            ia.refuse_mode(mode)
-            if not mode.is_decode_or_idle() or forward_batch.spec_info is not None:
-                raise NotImplementedError(
-                    "INT4 KV cache captures decode CUDA graphs only; run with "
-                    "--disable-piecewise-cuda-graph and without prefill CUDA graphs."
-                )
+            ia.check_graph_batch(forward_batch)
             super().init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
             bs = forward_batch.batch_size
             g = self.int4_graph
             g.prepare(bs)
             g.kv_lens[:bs].copy_(forward_batch.seq_lens[:bs])
             kv = ia.KVIndex(self.kv_indptr[: bs + 1], self.cuda_graph_kv_indices, g.kv_lens[:bs], 1)
-            self.int4_meta = _Int4Meta(kv=kv, workspace=g.workspaces[bs], num_splits=g.splits[bs])
+            self.int4_meta = g.meta(bs, kv)
 
         # -- forward ----------------------------------------------------------------
         def _write(self, layer, forward_batch, k, v):
@@ -154,11 +129,7 @@ def _build_class():
                 raise NotImplementedError("INT4 KV cache: attention sinks / score_mod are not supported")
             if save_kv_cache:
                 self._write(layer, forward_batch, k, v)
-            m = self.int4_meta
-            return ia.decode_forward(
-                q, self.token_to_kv_pool, layer, m.kv, workspace=m.workspace,
-                num_splits=m.num_splits, max_kv_len=m.max_kv_len,
-            )
+            return ia.decode_forward(q, self.token_to_kv_pool, layer, self.int4_meta)
 
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True,
                            sinks=None, score_mod=None, aux_tensors=None):
@@ -173,11 +144,7 @@ def _build_class():
             m = self.int4_meta
             md = self.forward_metadata
             cap = float(layer.logit_cap or 0.0)
-            has_prefix = m.prefix is not None
-            if m.rows is not None and (encoder_only or not save_kv_cache) and has_prefix:
-                raise NotImplementedError(
-                    "INT4 KV cache: an extend over a cached prefix must write its chunk to the cache")
-            if m.rows is not None and save_kv_cache and not encoder_only:
+            if ia.attends_through_pool(m, save_kv_cache, encoder_only):
                 p = m.prefix_rows
 
                 def attend(q3, k_all, v_all):

@@ -149,6 +149,30 @@ def refuse_mode(forward_mode) -> None:
             )
 
 
+def check_batch(forward_batch) -> None:
+    """The backstop refusals of a batch's metadata, eager path."""
+    refuse_mode(forward_batch.forward_mode)
+    if forward_batch.spec_info is not None:
+        raise NotImplementedError("INT4 KV cache does not support speculative decoding")
+
+
+def check_graph_batch(forward_batch) -> None:
+    """The same for a CUDA-graph batch: decode graphs only."""
+    mode = forward_batch.forward_mode
+    refuse_mode(mode)
+    if not mode.is_decode_or_idle() or forward_batch.spec_info is not None:
+        raise NotImplementedError(
+            "INT4 KV cache captures decode CUDA graphs only; run with "
+            "--disable-piecewise-cuda-graph and without prefill CUDA graphs."
+        )
+
+
+def has_prefix(forward_batch) -> bool:
+    """Whether any request of an extend batch has a cached prefix (host lengths when known)."""
+    lens_cpu = forward_batch.extend_prefix_lens_cpu
+    return any(lens_cpu) if lens_cpu is not None else bool(forward_batch.extend_prefix_lens.any())
+
+
 # ---------------------------------------------------------------------------------
 # KV index building
 @dataclass
@@ -246,8 +270,48 @@ def qo_indptr_from(extend_seq_lens: torch.Tensor, out: Optional[torch.Tensor] = 
 
 
 # ---------------------------------------------------------------------------------
+# Per-batch metadata, one kind for both backends
+@dataclass
+class Int4Meta:
+    """What a batch's INT4 attention reads, shared by every layer.
+
+    Decode: `kv`, the batch's cached tokens, with the split count and workspace planned for
+    them (`max_kv_len`: the host-known longest request). Extend: `qo_indptr`, `max_q_len`,
+    `has_prefix` and `prefix` (the cached prefixes' index when the prefix kernel reads them).
+    An extend attended through the pool has `rows`, the token slots read back: FlashInfer's,
+    each request's prefix then chunk in request order; Triton's, every prefix then the
+    whole chunk, the first `prefix_rows` of them prefix rows, indexed by `ws_indices`
+    (0..prefix_rows-1) for SGLang's extend kernel."""
+
+    kv: Optional[KVIndex] = None
+    workspace: object = None
+    num_splits: Optional[int] = None
+    max_kv_len: Optional[int] = None
+    qo_indptr: Optional[torch.Tensor] = None
+    max_q_len: Optional[int] = None
+    has_prefix: bool = False
+    prefix: Optional[KVIndex] = None
+    rows: Optional[torch.Tensor] = None
+    prefix_rows: int = 0
+    ws_indices: Optional[torch.Tensor] = None
+    swa_out_cache_loc: None = None  # read by SGLang code that inspects FlashInfer metadata
+
+
+def eager_decode_meta(pool, kv: KVIndex, lens_cpu, num_q_heads, num_kv_heads, device) -> Int4Meta:
+    """One eager decode step: the split count from host-known lengths and one workspace
+    that every layer shares, so the kernels allocate nothing per layer."""
+    max_len = int(lens_cpu.max()) if lens_cpu is not None and lens_cpu.numel() else None
+    fmt = pool_format(pool)
+    dec = decode_kernel_module()
+    bs = kv.kv_lens.shape[0]
+    s = dec.plan_splits(bs, num_kv_heads, fmt, device, max_len, num_q_heads)
+    ws = dec.alloc_workspace(bs, num_q_heads, fmt.head_dim, s, device)
+    return Int4Meta(kv=kv, max_kv_len=max_len, num_splits=s, workspace=ws)
+
+
+# ---------------------------------------------------------------------------------
 # Attention over the packed pool
-def decode_forward(q, pool, layer, kv: KVIndex, out=None, workspace=None, num_splits=None, max_kv_len=None):
+def decode_forward(q, pool, layer, m: Int4Meta, out=None):
     """q [B, Hq*D] or [B, Hq, D] (un-rotated) -> [B, Hq*D] over the INT4 cache."""
     fmt = pool_format(pool)
     check_layer(layer, fmt)
@@ -255,14 +319,15 @@ def decode_forward(q, pool, layer, kv: KVIndex, out=None, workspace=None, num_sp
     q3 = q.reshape(-1, layer.tp_q_head_num, layer.head_dim)
     o3 = None if out is None else out.view(-1, layer.tp_q_head_num, layer.head_dim)
     kwargs = {}
-    if workspace is not None:
-        kwargs["workspace"] = workspace
-    if num_splits is not None:
-        kwargs["num_splits"] = num_splits
+    if m.workspace is not None:
+        kwargs["workspace"] = m.workspace
+    if m.num_splits is not None:
+        kwargs["num_splits"] = m.num_splits
+    kv = m.kv
     o = decode_kernel()(
         q3, k_data, k_scales, v_data, v_scales, kv.kv_indptr, kv.kv_indices, kv.kv_lens,
         fmt, layer.scaling, page_size=kv.page_size, logit_cap=float(layer.logit_cap or 0.0),
-        out=o3, max_kv_len=max_kv_len, **kwargs,
+        out=o3, max_kv_len=m.max_kv_len, **kwargs,
     )
     return o.reshape(-1, layer.tp_q_head_num * layer.head_dim)
 
@@ -287,6 +352,20 @@ def dequantize_rows(pool, layer, slots: torch.Tensor, dtype):
     k = deq(k_data, k_scales, slots, fmt, fmt.k_rotated, dtype)
     v = deq(v_data, v_scales, slots, fmt, fmt.v_rotated, dtype)
     return k, v
+
+
+def attends_through_pool(m: Int4Meta, save_kv_cache: bool, encoder_only: bool) -> bool:
+    """Whether this layer's extend reads its chunk back from the pool: planned (`m.rows`) and
+    the chunk written. A chunk that is not written (encoder-only layers) attends its fresh
+    k/v, which the plan allows only without a cached prefix."""
+    if m.rows is None:
+        return False
+    if encoder_only or not save_kv_cache:
+        if m.has_prefix:
+            raise NotImplementedError(
+                "INT4 KV cache: an extend over a cached prefix must write its chunk to the cache")
+        return False
+    return True
 
 
 def extend_through_pool(q, pool, layer, slots: torch.Tensor, attend: Callable):
@@ -335,28 +414,6 @@ def extend_forward(
         s2 = s2 * LOG2E  # -inf (empty prefix) stays -inf: weight zero in the merge
     o, _ = merge(o1, s1, o2.to(o1.dtype), s2)
     return o.reshape(-1, hq * d)
-
-
-def torch_merge_state(o1, s1, o2, s2, base2: bool = False):
-    """Reference merge of two partial attentions (used by tests; FlashInfer / Triton
-    kernels do this in production). Either side may have lse -inf."""
-    f = math.log(2.0) if base2 else 1.0
-    a, b = s1.float() * f, s2.float() * f
-    m = torch.maximum(a, b)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    wa, wb = torch.exp(a - m), torch.exp(b - m)
-    den = wa + wb
-    o = (o1.float() * wa.unsqueeze(-1) + o2.float() * wb.unsqueeze(-1)) / den.unsqueeze(-1)
-    return o.to(o1.dtype), (m + torch.log(den)) / f
-
-
-def eager_decode_plan(pool, bs, num_q_heads, num_kv_heads, max_kv_len, device):
-    """(split count, workspace) for one eager decode step, shared by every layer: the
-    kernels then allocate nothing per layer."""
-    fmt = pool_format(pool)
-    dec = decode_kernel_module()
-    s = dec.plan_splits(bs, num_kv_heads, fmt, device, max_kv_len, num_q_heads)
-    return s, dec.alloc_workspace(bs, num_q_heads, fmt.head_dim, s, device)
 
 
 # ---------------------------------------------------------------------------------
@@ -418,3 +475,8 @@ class DecodeGraphState:
 
     def view(self, bs: int) -> KVIndex:
         return KVIndex(self.kv_indptr[: bs + 1], self.kv_indices, self.kv_lens[:bs], self.page_size)
+
+    def meta(self, bs: int, kv: KVIndex) -> Int4Meta:
+        """The metadata of a captured batch size (after prepare): its fixed split count and
+        its workspace."""
+        return Int4Meta(kv=kv, workspace=self.workspaces[bs], num_splits=self.splits[bs])

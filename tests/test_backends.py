@@ -64,6 +64,19 @@ class FakeInt4Pool:
                 ref.dequantize_ref(vd, vs, slots, f, f.v_rotated, torch.float32))
 
 
+def torch_merge_state(o1, s1, o2, s2, base2: bool = False):
+    """Reference merge of two partial attentions by their log-sum-exp (FlashInfer's and
+    SGLang's Triton merge_state do this in serving). Either side may have lse -inf."""
+    f = LN2 if base2 else 1.0
+    a, b = s1.float() * f, s2.float() * f
+    m = torch.maximum(a, b)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    wa, wb = torch.exp(a - m), torch.exp(b - m)
+    den = wa + wb
+    o = (o1.float() * wa.unsqueeze(-1) + o2.float() * wb.unsqueeze(-1)) / den.unsqueeze(-1)
+    return o.to(o1.dtype), (m + torch.log(den)) / f
+
+
 def _decode_ref(q, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv_lens, fmt,
                 sm_scale, page_size=1, logit_cap=0.0, out=None, workspace=None, num_splits=None,
                 max_kv_len=None):
@@ -353,7 +366,7 @@ def test_extend_split_merge_matches_full_attention(ref_kernels, base2, page_size
             lse = lse / LN2  # what FlashInfer's ragged wrapper returns
         return (o, lse) if need_lse else o
 
-    merge = lambda o1, s1, o2, s2: ia.torch_merge_state(o1, s1, o2, s2, base2=base2)
+    merge = lambda o1, s1, o2, s2: torch_merge_state(o1, s1, o2, s2, base2=base2)
     out = ia.extend_forward(q, k, v, pool, layer, qo, prefix, new_chunk, merge, lse_base2=base2)
     want = full_reference(q, k, v, pool, 0, slots, qo, layer.scaling)
     assert out.shape == (q.shape[0], hq * d)
@@ -384,10 +397,10 @@ def test_torch_merge_state_handles_empty_side():
     s1 = torch.randn(3, 2, generator=gen)
     s2 = torch.full((3, 2), float("-inf"))
     for base2 in (False, True):
-        o, s = ia.torch_merge_state(o1, s1, o2, s2, base2)
+        o, s = torch_merge_state(o1, s1, o2, s2, base2)
         torch.testing.assert_close(o, o1)
         torch.testing.assert_close(s, s1)
-    o, s = ia.torch_merge_state(o1, s1, o2, s1.clone())
+    o, s = torch_merge_state(o1, s1, o2, s1.clone())
     torch.testing.assert_close(o, (o1 + o2) / 2)
     torch.testing.assert_close(s, s1 + math.log(2.0))
 
@@ -660,7 +673,7 @@ def fake_flashinfer(monkeypatch):
     monkeypatch.setattr(fb_mod, "BatchPrefillWithPagedKVCacheWrapper", _Unused, raising=False)
     monkeypatch.setattr(fb_mod, "BatchDecodeWithPagedKVCacheWrapper", _Unused, raising=False)
     monkeypatch.setattr(fb_mod, "_safe_merge_state",
-                        lambda o1, s1, o2, s2: ia.torch_merge_state(o1, s1, o2, s2, base2=True),
+                        lambda o1, s1, o2, s2: torch_merge_state(o1, s1, o2, s2, base2=True),
                         raising=False)
     from sglang.srt.environ import envs
 
