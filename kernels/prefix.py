@@ -287,9 +287,11 @@ def prefix_attention(
 
     rot_k, rot_v = fmt.k_rotated, fmt.v_rotated
     b = fmt.block_size
-    # On sm_90 (Triton 3.6) the in-register rotation at head_dim 64 gave wrong results
-    # or illegal addresses (docs/gpu-runs.md, run 7; head_dim 128/256 and no rotation
-    # were right): there torch rotates q before the kernel and o after it, in fp32.
+    # A workaround for a fault whose cause is unknown: on sm_90 (Triton 3.6) the in-register
+    # rotation at head_dim 64 gave wrong results or illegal addresses, in every variant
+    # tried, while head_dim 128/256 and unrotated head_dim 64 were right and memcheck found
+    # no bad access (docs/prefix.md). There torch rotates q before the kernel and o after
+    # it, in fp32; remove this once the fault is understood.
     h_host = None
     if host_rotation is None:
         host_rotation = q.is_cuda and d == 64
