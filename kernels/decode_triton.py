@@ -32,7 +32,7 @@ from .tiles import hadamard_signs, online_softmax_step, softcap_exp2, split_leng
 # the split policy. Update from `python -m saw_sglang.bench.kernels --tune`.
 DEFAULT_CONFIGS: dict[tuple[int, int], dict] = {
     (64, 64): dict(block_n=64, num_warps=4, num_stages=3, waves=8, prefetch=False),
-    # H200, 32/8 heads, random slots (bench --tune-only, docs/gpu-runs.md run 5): best at
+    # H200, 32/8 heads, random slots (bench --tune-only, docs/gpu-runs.md, 2026-11-29): best at
     # 64 x 8k (0.444 ms vs FlashInfer BF16 0.494); at 16 x 8k waves=2 was best (0.122 ms)
     # block_h: the query-head rows padded up to at least this (the MMA pads to 16 itself;
     # 8 instead of 16 halves the per-score softmax work, dev/sass: -12% loop instructions)

@@ -244,7 +244,7 @@ def _triton_runs_on(device) -> bool:
 @functools.cache
 def _slot_index_kernel():
     """SGLang's own token-slot index kernel, the one its FlashInfer decode path runs every
-    step: one launch instead of ~20 eager ops (host time per call on the H200, run 9:
+    step: one launch instead of ~20 eager ops (host time per call on an H200:
     55-61 us against 230-290 us; same indices)."""
     from sglang.kernels.ops.attention.utils import create_flashinfer_kv_indices_triton
 

@@ -305,7 +305,7 @@ class HostSyncPatterns(torch.overrides.TorchFunctionMode):
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_per_step_metadata_never_syncs(page_size):
     """The decode-graph refresh runs before every replay; with SGLang's overlap scheduler
-    a device sync there stalls the GPU each step (run 8: `indptr[0] = 0` did, and the
+    a device sync there stalls the GPU each step (on an H200 `indptr[0] = 0` did, and the
     INT4 servers' GPUs idled ~1.8 ms per short-context step against 0.6 ms for FP8)."""
     gen = torch.Generator().manual_seed(7)
     lens = [37, 5, 16, 70]

@@ -202,7 +202,7 @@ def warmup_args(args, sc: Scenario, conc: int) -> List[str]:
     """bench_serving's own warm-up (short requests on one prompt, cache flushed after),
     as many requests as the concurrency while their prompts fit one 8192-token prefill
     (at least one: a long prompt's chunks already take the prefix path): the first point
-    after a server start then does not carry one-time costs (run 8: the INT4 servers'
+    after a server start then does not carry one-time costs (on an H200 the INT4 servers'
     TTFT at their first point was 2x their second's). Left to --bench-args when it names
     --warmup-requests."""
     if not getattr(args, "warmup", True) or "--warmup-requests" in args.bench_args:

@@ -158,7 +158,7 @@ def test_extend_matches_flashinfer_bf16(server_args, parallel, name, page_size, 
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_per_step_metadata_never_syncs_on_device(page_size):
     """The decode-graph refresh (every replay) and the extend qo_indptr make no device
-    sync: torch's sync debug mode raises on any (run 8 found `indptr[0] = 0` doing one)."""
+    sync: torch's sync debug mode raises on any (it once found `indptr[0] = 0` doing one)."""
     gen = torch.Generator().manual_seed(page_size)
     lens = [300, 17, 1200, 64]
     r2t, _ = paged_req_to_token(lens, page_size, 1280, gen)

@@ -41,7 +41,7 @@ def test_real_sizes_d128(page, rot):
 
 @pytest.mark.parametrize("d, g, hq, hkv, rot, cap", [
     (64, 64, 9, 3, "k", 0.0),      # SmolLM2-135M shape (GQA 3)
-    (64, 32, 9, 3, "kv", 0.0),     # faulted in run 6; the next two tell groups from V rotation
+    (64, 32, 9, 3, "kv", 0.0),     # faulted before the head_dim-64 workaround; the next two tell groups from V rotation
     (64, 32, 9, 3, "k", 0.0),
     (64, 64, 9, 3, "kv", 0.0),
     (128, 32, 32, 8, "kv", 0.0),
@@ -145,7 +145,7 @@ def test_timing_and_sdpa_agreement(d, hq, hkv):
     BF16 prefix (the copy we avoid), and checks the two outputs agree. Tolerance: the
     SDPA side rounds k/v to bf16 (relative 2^-9), moving scores by ~1e-2 at most, and
     rounds the probabilities to bf16 before P.V (2^-9 of |v| <= ~4.5 per term): up to
-    ~2e-2 on an output element (run 7: 1 of 1.2M elements off by 0.0176)."""
+    ~2e-2 on an output element (measured: 1 of 1.2M elements off by 0.0176)."""
     from triton.testing import do_bench
 
     gen = torch.Generator().manual_seed(3)
