@@ -15,7 +15,7 @@ $(STAMP): requirements/cpu-test.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps sglang==0.5.17
 	$(PY) -m pip install -q -r requirements/cpu-test.txt
 	$(PY) -m pip install -q --no-deps -e .
-	# CPU-only torchvision import shim (tests/shims/torchvision): see README. The venv's
+	# CPU-only torchvision import shim (tests/shims/torchvision): see docs/tests.md. The venv's
 	# site folder is asked of the venv itself, now that it exists.
 	$(PY) -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "saw_test_shims.pth").write_text("$(CURDIR)/tests/shims\n")'
 	touch $(STAMP)
