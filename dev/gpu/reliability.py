@@ -40,11 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-try:
-    from saw_sglang.bench.server import ManagedServer, ServerStartError, http_json, reserve_port
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from saw_sglang.bench.server import ManagedServer, ServerStartError, http_json, reserve_port
+from saw_sglang.bench.server import ManagedServer, ServerStartError, http_json, reserve_port
 
 # ---------------------------------------------------------------- traffic
 
