@@ -28,7 +28,6 @@ import argparse
 import http.client
 import json
 import math
-import os
 import random
 import shlex
 import shutil
