@@ -28,14 +28,6 @@ import torch
 # max - min <= 2*CLAMP and scale = (max - min) / 15 stays finite in fp16 (max 65504).
 CLAMP = 30000.0
 ROTATIONS = ("hadamard", "none")
-# The formats the INT4 attention kernels read, and so the ones a server runs: the one
-# statement of it, which the decode and prefix kernels, the startup refusals and the
-# flag checks all ask (served_problem). Any Int4KVFormat is a valid format (the accuracy
-# tool simulates others); the kernels' tiles take these head dims, the prefix kernel
-# groups of at least MIN_SERVED_GROUP channels (which also keeps a scale row no longer
-# than a data row, as SGLang's slot moves need).
-SERVED_HEAD_DIMS = (64, 128, 256)
-MIN_SERVED_GROUP = 32
 
 
 def group_examples(head_dim: int, candidates) -> str:
@@ -135,6 +127,16 @@ class Int4KVFormat:
             f"{self.bytes_per_token_head} B per token-head vs {2 * self.head_dim} B BF16, "
             f"{self.compression_vs():.2f}x smaller)"
         )
+
+
+# The formats the INT4 attention kernels read, and so the ones a server runs: the one
+# statement of it, which the decode and prefix kernels, the startup refusals and the
+# flag checks all ask (served_problem). Any Int4KVFormat is a valid format (the accuracy
+# tool simulates others); the kernels' tiles take these head dims, the prefix kernel
+# groups of at least MIN_SERVED_GROUP channels (which also keeps a scale row no longer
+# than a data row, as SGLang's slot moves need).
+SERVED_HEAD_DIMS = (64, 128, 256)
+MIN_SERVED_GROUP = 32
 
 
 def served_problem(fmt: Int4KVFormat) -> str | None:

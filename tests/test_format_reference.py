@@ -45,6 +45,19 @@ def test_bad_formats_are_refused_with_a_fix(kwargs, msg):
         Int4KVFormat(**kwargs)
 
 
+def test_served_formats_are_one_rule():
+    """Which formats the attention kernels read: head_dim 64/128/256, groups >= 32 channels.
+    The decode and prefix kernels and the server's refusals all ask served_problem."""
+    from saw_sglang.kernels.format import served_problem
+
+    for d in (64, 128, 256):
+        assert served_problem(Int4KVFormat(head_dim=d)) is None
+        assert served_problem(Int4KVFormat(head_dim=d, group_size=32)) is None
+        assert "group size 16" in served_problem(Int4KVFormat(head_dim=d, group_size=16))
+    assert "head_dim 96" in served_problem(Int4KVFormat(head_dim=96, block_size=32))
+    assert "head_dim 32" in served_problem(Int4KVFormat(head_dim=32))
+
+
 @pytest.mark.parametrize("d, g", [(64, 64), (128, 128), (128, 32)])
 @pytest.mark.parametrize("rotated", [False, True])
 def test_round_trip_error_is_within_half_a_step(d, g, rotated):
@@ -165,16 +178,3 @@ def test_clip_candidate_never_worse_per_group_and_default_unchanged():
     assert (em <= e1 * (1 + 1e-5) + 1e-12).all() and em.sum() < e1.sum()
     p9, s9 = ref.quantize(x, fmt, True, clip=0.9)
     assert (s9[..., 0].float() < base[1][..., 0].float()).all()  # narrower steps
-
-
-def test_served_formats_are_one_rule():
-    """Which formats the attention kernels read: head_dim 64/128/256, groups >= 32 channels.
-    The decode and prefix kernels and the server's refusals all ask served_problem."""
-    from saw_sglang.kernels.format import served_problem
-
-    for d in (64, 128, 256):
-        assert served_problem(Int4KVFormat(head_dim=d)) is None
-        assert served_problem(Int4KVFormat(head_dim=d, group_size=32)) is None
-        assert "group size 16" in served_problem(Int4KVFormat(head_dim=d, group_size=16))
-    assert "head_dim 96" in served_problem(Int4KVFormat(head_dim=96, block_size=32))
-    assert "head_dim 32" in served_problem(Int4KVFormat(head_dim=32))
