@@ -23,7 +23,6 @@ import dataclasses
 import email.parser
 import importlib.metadata
 import importlib.util
-import json
 import pathlib
 import re
 import shutil
