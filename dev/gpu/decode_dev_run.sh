@@ -1,3 +1,4 @@
+#!/usr/bin/env bash
 set -o pipefail
 # One device call of the decode A/B: FlashInfer wheels from .gpu-carry/fi, our package from the
 # tree, the correctness check and the timing of $VARIANTS over $SHAPES (dev/gpu/decode_dev.py).
