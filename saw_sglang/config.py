@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields
 
-from saw_sglang.kernels.format import ROTATIONS, Int4KVFormat
+from saw_sglang.kernels.format import ROTATIONS, SCALE_FITS, Int4KVFormat
 
 KV_CACHE_DTYPE = "int4"
 
@@ -24,6 +24,8 @@ class SawConfig:
     saw_hadamard_block_size: int | None = None
     saw_group_size: int | None = None
     saw_rotate_v: bool = False
+    saw_scale_fit: str = "lsq"
+    saw_calibration: str | None = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -45,11 +47,12 @@ class SawConfig:
                 rotation=self.saw_rotation,
                 block_size=self.saw_hadamard_block_size,
                 rotate_v=self.saw_rotate_v,
+                scale_fit=self.saw_scale_fit,
             )
         except ValueError as e:
             raise ValueError(
                 f"--kv-cache-dtype int4: {e}. Fix --saw-group-size / "
-                f"--saw-hadamard-block-size / --saw-rotation (or leave them unset for "
+                f"--saw-hadamard-block-size / --saw-rotation / --saw-scale-fit (or leave them unset for "
                 f"the defaults: group {head_dim}, block {min(128, head_dim)})."
             ) from None
         # Slot moves copy each per-layer buffer with the data row's byte count as the
@@ -106,6 +109,17 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--saw-rotate-v", action=argparse.BooleanOptionalAction, default=d.saw_rotate_v,
         help="Also rotate V (default: off; K is always rotated when rotation is on).",
+    )
+    g.add_argument(
+        "--saw-scale-fit", choices=SCALE_FITS, default=d.saw_scale_fit,
+        help="How the write picks each group's fp16 (scale, min): lsq (default) keeps the "
+        "min-max codes and least-squares fits the pair to the values; minmax maps min and "
+        "max to codes 0 and 15. Same stored format and readers either way.",
+    )
+    g.add_argument(
+        "--saw-calibration", default=d.saw_calibration, metavar="FILE",
+        help="A per-model K calibration (per-channel shift and scale before the rotation, "
+        "exact in attention) made by `python -m saw_sglang.calibrate`. Default: none.",
     )
 
 
