@@ -21,7 +21,7 @@ import os
 
 from sglang.srt.server_args import ServerArgs
 
-from saw_sglang.config import KV_CACHE_DTYPE, SawConfig, add_cli_args, from_namespace
+from saw_sglang.config import K_CALIBRATION_SERVED, KV_CACHE_DTYPE, SawConfig, add_cli_args, from_namespace
 
 from ._util import is_int4, wrap
 
@@ -218,7 +218,25 @@ def validate(args) -> None:
         model_config = args.get_model_config()
         check_model(model_config)
         check_groups(SawConfig.from_object(args).fmt(model_config.head_dim))  # flag values
+        if args.saw_calibration:
+            check_calibration(args.saw_calibration, model_config)
     check_features(args)
+
+
+def check_calibration(path, model_config) -> None:
+    """--saw-calibration: a readable file for this model, and a build that reads it."""
+    if not K_CALIBRATION_SERVED:
+        raise ValueError(
+            f"--saw-calibration {path}: this build's INT4 attention kernels do not read "
+            "calibrated keys yet (the write kernel and the accuracy tool do). Drop "
+            "--saw-calibration.")
+    from saw_sglang.kernels.calibration import KCalibration
+
+    cal = KCalibration.load(path)
+    want = (model_config.num_hidden_layers, model_config.get_total_num_kv_heads(), model_config.head_dim)
+    if cal.shape != want:
+        raise ValueError(f"--saw-calibration {path} is for [layers, kv heads, head_dim] {cal.shape}, "
+                         f"this model has {want}: make one with python -m saw_sglang.calibrate.")
 
 
 def check_groups(fmt) -> None:

@@ -14,6 +14,10 @@ from dataclasses import dataclass, fields
 from saw_sglang.kernels.format import ROTATIONS, SCALE_FITS, Int4KVFormat
 
 KV_CACHE_DTYPE = "int4"
+# The INT4 attention backends read calibrated keys (q folded with the calibration's
+# scale, the prefix log-sum-exp shifted by its mean: kernels/calibration.py). Until
+# they do, --saw-calibration is refused at startup (the write alone would be wrong).
+K_CALIBRATION_SERVED = False
 
 
 @dataclass(frozen=True)
