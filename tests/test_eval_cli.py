@@ -31,7 +31,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     for name in ("a", "b"):
         text = " ".join(words[i] for i in torch.randint(0, len(words), (300,), generator=g).tolist())
         (tmp_path / f"{name}.txt").write_text(text)
-    modes = "bf16,fp8,int4:rotation=none:scale-fit=minmax,int4,int4:hadamard-block-size=16,int4:group-size=16," \
+    modes = "bf16,int4:rotation=none:scale-fit=minmax,fp8,int4,int4:hadamard-block-size=16,int4:group-size=16," \
             "int4:bf16-layers=1,int4:calibration=auto"
     rc = main(["--model", str(tmp_path / "m"), "--text", str(tmp_path / "a.txt"), "--text", str(tmp_path / "b.txt"),
                "--tokens", "120", "--ctx", "40", "--context", "200", "--modes", modes, "--out", str(tmp_path / "o")])

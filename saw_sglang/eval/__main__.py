@@ -133,9 +133,8 @@ def main(argv=None) -> int:
     hq = model.config.get_text_config().num_attention_heads
     if specs is None:
         specs = [parse(s) for s in default_specs(hd, args.quick)]
-    for must in (NAIVE, BF16):  # the two ends of the gap
-        if must not in [s.text for s in specs]:
-            specs.insert(0, parse(must))
+    # the two ends of the gap first, whether asked for or not
+    specs = [parse(BF16), parse(NAIVE)] + [s for s in specs if s.text not in (BF16, NAIVE)]
     wins = {t.name: text.windows(tok, t.body, args.ctx, args.tokens) for t in texts}
     from .calibrate import calibrate, context_of
 
