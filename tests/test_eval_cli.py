@@ -87,3 +87,17 @@ def test_windows_cover_requested_tokens():
             assert all(len(w) <= ctx and (w[0] == 0) == bos for w in ws)
             body = [t for w in ws for t in (w[1:] if bos else w)]
             assert body == [1 + i % 9 for i in range(len(body))]  # consecutive, nothing skipped
+
+
+def test_calibrate_cli_writes_a_calibration_for_the_model(tmp_path):
+    from saw_sglang.calibrate import main as calibrate_main
+    from saw_sglang.kernels.calibration import KCalibration
+
+    _tiny_model_dir(tmp_path / "m")
+    out = tmp_path / "k.pt"
+    assert calibrate_main(["--model", str(tmp_path / "m"), "--out", str(out), "--tokens", "120",
+                           "--ctx", "40", "--context", "256"]) == 0
+    cal = KCalibration.load(out)
+    assert cal.shape == (3, 2, 32) and "offsets over [0, 256)" in cal.source
+    gm = cal.scale.log().mean(-1).exp()  # geometric mean 1 per layer and head
+    torch.testing.assert_close(gm, torch.ones_like(gm))

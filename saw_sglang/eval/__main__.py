@@ -195,8 +195,12 @@ def main(argv=None) -> int:
         rows += _score_servers(args, wins, rows, out, meta, nl, kvh, hd)
     _add_dppl(rows)
     meta["seconds"] = round(time.time() - t0, 1)
+    note = models.WEIGHTS_NOTE.get(args.model) or (
+        "weights: GGUF de-quantised ('bf16' = a BF16 KV cache over those weights)" if args.model.endswith(".gguf")
+        else None)
+    meta["weights"] = note
     print(f"\n## KV-cache accuracy: {args.model} (head_dim {hd}), {meta['scored_tokens']} tokens, "
-          f"windows of {args.ctx}\n")
+          f"windows of {args.ctx}\n" + (f"\n{note[0].upper() + note[1:]}.\n" if note else ""))
     line = None
     if table is not None:
         ppl = {t: {m: results[t][m].metrics()["ppl"] for m in (BF16, NAIVE)} for t in results}
@@ -226,7 +230,8 @@ def _score_servers(args, wins, rows, out, meta, nl, kvh, hd) -> list[dict]:
         _add_dppl(rows)
         report.write_json(out / "results.json", {**meta, "partial": "servers not scored yet"}, rows)
     flat = [x for w in wins.values() for x in w]
-    servers = [s.partition("=")[::2] if "=" in s else (f"server{i}", s) for i, s in enumerate(args.server)]
+    # LABEL=URL; a label may hold '=' itself (a mode name such as int4:rotation=none)
+    servers = [s.rpartition("=")[::2] if "=" in s else (f"server{i}", s) for i, s in enumerate(args.server)]
     servers.sort(key=lambda s: not s[0].startswith("bf16"))  # the reference first
     step = args.server_step or args.ctx
     # Servers are independent: score them all at once (windows in parallel too).
