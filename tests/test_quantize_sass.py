@@ -57,13 +57,15 @@ def _compile(fn, sig, consts, aligned):
     return int(re.search(r"STACK:(\d+)", usage).group(1)), ck.metadata.shared, sass
 
 
-def _compile_sm90(d, g, b, rot_k, rot_v):
+def _compile_sm90(d, g, b, rot_k, rot_v, lsq=True, k_affine=False):
     fn = _quantize_kv_kernel
     sig = {"k_ptr": "*bf16", "k_st": "i32", "k_sh": "i32", "v_ptr": "*bf16", "v_st": "i32",
            "v_sh": "i32", "loc_ptr": "*i64", "kd_ptr": "*u8", "ks_ptr": "*fp16", "vd_ptr": "*u8",
-           "vs_ptr": "*fp16", "T": "i32", "H": "i32", "inv_sqrt_b": "fp32"}
+           "vs_ptr": "*fp16", "kmul_ptr": "*fp32", "kadd_ptr": "*fp32", "T": "i32", "H": "i32",
+           "inv_sqrt_b": "fp32"}
     consts = dict(D=d, G=g, B=b, W=max(b, 16), BLOCK_T=_block_t(d, b, rot_k or rot_v),
-                  ROT_K=rot_k, ROT_V=rot_v, CLAMP_V=CLAMP, DOT_K=DOT_K, STAGES=1)
+                  ROT_K=rot_k, ROT_V=rot_v, CLAMP_V=CLAMP, DOT_K=DOT_K, STAGES=1,
+                  K_AFFINE=k_affine, LSQ=lsq)
     aligned = [n for n in fn.arg_names
                if n.endswith("_ptr") or n in ("k_st", "k_sh", "v_st", "v_sh", "T")]
     stack, smem, sass = _compile(fn, sig, consts, aligned)
@@ -131,6 +133,9 @@ if __name__ == "__main__":
     kind, (d, g, b) = sys.argv[1], map(int, sys.argv[2:5])
     if kind == "dequantize":
         res = _compile_dequantize_sm90(d, g, b)
+    elif kind.startswith("count"):  # "count[-minmax][-affine]": the loops of one variant
+        res = _compile_sm90(d, g, b, rot_k=True, rot_v=False, lsq="minmax" not in kind,
+                            k_affine="affine" in kind)
     else:  # "write": K rotated, V not (the loop comparison); "write_kv": both rotated
         res = _compile_sm90(d, g, b, rot_k=True, rot_v=kind == "write_kv")
     print(json.dumps(res))
