@@ -111,16 +111,25 @@ def _code(x, m, inv):
 
 
 @triton.jit
-def _lsq_pair(sq, sqq, sx, sqx, scale, mn, G: tl.constexpr):
-    """reference._lsq: least-squares (scale, min) of the values against their fixed
-    codes, from the group sums of q, q^2, x - min and q (x - min). fp32 results."""
+def _lsq_pair(q, w, scale, mn, G: tl.constexpr):
+    """reference._lsq on the codes q (int32, [BT, NG, G]) and the values in code
+    units w = (x - min) / scale + 0.5 (fp32, the code arithmetic's own value): fit
+    w = alpha q + beta by least squares, then scale' = alpha scale and
+    min' = min + (beta - 0.5) scale. sum(q) and sum(q^2) (< 2^16 each for G <= 256)
+    share one int32 reduction. fp32 results."""
+    qq = tl.sum(q * (q << 16) + q, axis=2)  # sum(q^2) << 16 | sum(q)
+    sq = (qq & 0xFFFF).to(tl.float32)
+    sqq = (qq >> 16).to(tl.float32)
+    qf = q.to(tl.float32)
+    sw = tl.sum(w, axis=2)
+    sqw = tl.sum(qf * w, axis=2)
     den = G * sqq - sq * sq  # exact integer in fp32
-    ok = den > 0
-    fs = tl.math.div_rn(G * sqx - sq * sx, tl.where(ok, den, 1.0))
-    fm = mn + tl.math.div_rn(sx - fs * sq, tl.full(sx.shape, G, tl.float32))
-    fs = tl.minimum(tl.maximum(tl.where(ok, fs, scale), 0.0), 65504.0)
-    fm = tl.minimum(tl.maximum(tl.where(ok, fm, mn), -65504.0), 65504.0)
-    return fs, fm
+    ok = (den > 0) & (scale > 0)
+    alpha = tl.math.div_rn(G * sqw - sq * sw, tl.where(ok, den, 1.0))
+    beta = tl.math.div_rn(sw - alpha * sq, tl.full(sw.shape, G, tl.float32)) - 0.5
+    fs = tl.minimum(tl.where(ok, alpha * scale, scale), 65504.0)
+    fm = tl.minimum(tl.maximum(tl.where(ok, mn + beta * scale, mn), -65504.0), 65504.0)
+    return tl.maximum(fs, 0.0), fm
 
 
 @triton.jit
@@ -191,14 +200,14 @@ def _quantize_rows(
             # codes of +-CLAMP, merged with the 0..15 clamp (w is monotone in x')
             a = inv * inv_sqrt_b
             b = 0.5 - m * inv
-            w_lo = tl.maximum((-CLAMP_V - m) * inv + 0.5, 0.0)
-            w_hi = tl.minimum((CLAMP_V - m) * inv + 0.5, 15.0)
-            q = tl.minimum(tl.maximum(yg * a + b, w_lo), w_hi).to(tl.int32)
-            if LSQ:
-                qf = q.to(tl.float32)
-                xc = tl.minimum(tl.maximum(yg * inv_sqrt_b, -CLAMP_V), CLAMP_V) - m
-                fs, fm = _lsq_pair(tl.sum(qf, axis=2), tl.sum(qf * qf, axis=2), tl.sum(xc, axis=2),
-                                   tl.sum(qf * xc, axis=2), s, min16.to(tl.float32), G)
+            w_clo = (-CLAMP_V - m) * inv + 0.5  # the codes (unrounded) of -+CLAMP
+            w_chi = (CLAMP_V - m) * inv + 0.5
+            w_lo = tl.maximum(w_clo, 0.0)
+            w_hi = tl.minimum(w_chi, 15.0)
+            w = yg * a + b
+            q = tl.minimum(tl.maximum(w, w_lo), w_hi).to(tl.int32)
+            if LSQ:  # w unclamped: x' is clamped to +-CLAMP only for values that large
+                fs, fm = _lsq_pair(q, tl.minimum(tl.maximum(w, w_clo), w_chi), s, min16.to(tl.float32), G)
                 scale16, min16 = fs.to(tl.float16), fm.to(tl.float16)
             # split into half-groups after quantising: free where the half-group bit
             # is a register bit of the dot layout; where it is not (a half-group
@@ -206,15 +215,12 @@ def _quantize_rows(
             ql, qh = tl.split(tl.permute(tl.reshape(q, (BLOCK_T, NG, 2, HG)), (0, 1, 3, 2)))
             packed = ql | (qh << 4)  # [BLOCK_T, NG, G/2]
         else:
-            cl, ch = _code(xl, m, inv), _code(xh, m, inv)
+            wl, wh = (xl - m) * inv + 0.5, (xh - m) * inv + 0.5
+            cl = tl.minimum(tl.maximum(wl, 0.0), 15.0).to(tl.int32)  # = _code(xl, m, inv)
+            ch = tl.minimum(tl.maximum(wh, 0.0), 15.0).to(tl.int32)
             packed = cl | (ch << 4)
-            if LSQ:
-                fl, fh = cl.to(tl.float32), ch.to(tl.float32)
-                xcl, xch = xl - m, xh - m
-                fs, fm = _lsq_pair(tl.sum(fl, axis=2) + tl.sum(fh, axis=2),
-                                   tl.sum(fl * fl, axis=2) + tl.sum(fh * fh, axis=2),
-                                   tl.sum(xcl, axis=2) + tl.sum(xch, axis=2),
-                                   tl.sum(fl * xcl, axis=2) + tl.sum(fh * xch, axis=2),
+            if LSQ:  # both half-groups in one [BT, NG, G] fit
+                fs, fm = _lsq_pair(tl.join(cl, ch).reshape(BLOCK_T, NG, G), tl.join(wl, wh).reshape(BLOCK_T, NG, G),
                                    s, min16.to(tl.float32), G)
                 scale16, min16 = fs.to(tl.float16), fm.to(tl.float16)
         packed = tl.reshape(packed, (BLOCK_T, D // 2)).to(tl.uint8)
