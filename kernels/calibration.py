@@ -59,6 +59,9 @@ class KCalibration:
         return KCalibration(self.mean[:, start:start + count].contiguous(),
                             self.scale[:, start:start + count].contiguous(), self.source)
 
+    def without_scale(self) -> "KCalibration":
+        return KCalibration(self.mean, torch.ones_like(self.scale), self.source)
+
     def without_mean(self) -> "KCalibration":
         return KCalibration(torch.zeros_like(self.mean), self.scale, self.source)
 

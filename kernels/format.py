@@ -28,7 +28,7 @@ import torch
 # max - min <= 2*CLAMP and scale = (max - min) / 15 stays finite in fp16 (max 65504).
 CLAMP = 30000.0
 ROTATIONS = ("hadamard", "none")
-SCALE_FITS = ("lsq", "minmax")
+SCALE_FITS = ("minmax", "lsq")
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Int4KVFormat:
     block_size: int | None = None  # None -> min(128, head_dim)
     rotate_k: bool = True  # K is rotated whenever rotation is on
     rotate_v: bool = False
-    scale_fit: str = "lsq"  # how the writer picks (scale, min); readers never look
+    scale_fit: str = "minmax"  # how the writer picks (scale, min); readers never look
 
     def __post_init__(self):
         if self.group_size is None:

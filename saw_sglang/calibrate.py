@@ -2,8 +2,8 @@
 
 Runs the model once (transformers, BF16) over the bundled calibration text at
 positions spread over its context and writes, per layer, KV head and channel, the
-mean of K and the scale that balances K against the queries (kernels/calibration.py;
-saw_sglang/eval/calibrate.py says how). The accuracy tool measures what it buys
+mean of K (and with --with-scale the scale that balances K against the queries;
+kernels/calibration.py, saw_sglang/eval/calibrate.py). The accuracy tool measures what it buys
 (`python -m saw_sglang.eval --modes bf16,int4,int4:calibration=FILE`); the server
 takes it as --saw-calibration FILE once its attention kernels read calibrated keys.
 """
@@ -29,6 +29,10 @@ def main(argv=None) -> int:
                    help="spread the windows over positions [0, CONTEXT) (default: the model's max "
                         "positions, at most 32768): use the longest context you serve")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--with-scale", action="store_true",
+                   help="also write the per-channel scales (K divided, q multiplied; the reader must "
+                        "fold them into q). Default: the shift alone, which measured as well "
+                        "(docs/eval.md) and needs no query fold")
     args = p.parse_args(argv)
 
     from saw_sglang.eval import models
@@ -42,6 +46,8 @@ def main(argv=None) -> int:
     with tqdm(desc="calibrating K", unit="window") as bar:
         cal = calibrate(model, tok, nl, hq, kvh, tokens=args.tokens, ctx=args.ctx, context=args.context,
                         device=args.device, progress=bar)
+    if not args.with_scale:
+        cal = cal.without_scale()
     cal.save(args.out)
     print(f"wrote {args.out}: K calibration [layers, kv heads, head_dim] = {list(cal.shape)} ({cal.source})")
     return 0

@@ -28,7 +28,7 @@ class SawConfig:
     saw_hadamard_block_size: int | None = None
     saw_group_size: int | None = None
     saw_rotate_v: bool = False
-    saw_scale_fit: str = "lsq"
+    saw_scale_fit: str = "minmax"
     saw_calibration: str | None = None
 
     @classmethod
@@ -116,9 +116,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--saw-scale-fit", choices=SCALE_FITS, default=d.saw_scale_fit,
-        help="How the write picks each group's fp16 (scale, min): lsq (default) keeps the "
-        "min-max codes and least-squares fits the pair to the values; minmax maps min and "
-        "max to codes 0 and 15. Same stored format and readers either way.",
+        help="How the write picks each group's fp16 (scale, min): minmax (default) maps min "
+        "and max to codes 0 and 15; lsq keeps those codes and least-squares fits the pair to "
+        "the values (lower squared error, more write work). Same stored format and readers.",
     )
     g.add_argument(
         "--saw-calibration", default=d.saw_calibration, metavar="FILE",

@@ -28,7 +28,7 @@ STOCK_KINDS = ("bf16", "fp8")
 ALIASES = {"fp8_e4m3": "fp8"}  # SGLang's own name for the same cache
 OLD_NAMES = {"saw-int4": "int4", "int4-naive": "int4:rotation=none"}
 SIM_OPTIONS = ("bf16-layers", "sink-tokens", "q8", "calibration-parts")
-CALIBRATION_PARTS = ("mean", "scale", "mean+scale")
+CALIBRATION_PARTS = ("mean", "scale", "mean+scale")  # of a calibration holding both
 # Spellings of earlier releases -> the one spelling now (named in the error).
 RENAMED = {"rot": "rotation", "b": "hadamard-block-size", "g": "group-size", "v": "rotate-v",
            "keep": "bf16-layers"}

@@ -150,7 +150,7 @@ def main(argv=None) -> int:
                 with tqdm(desc="calibrating K (calibration text)", unit="window") as bar:
                     cal = calibrate(model, tok, nl, hq, kvh, context=context or None, device=args.device,
                                     progress=bar)
-                cal.save(cal_path)
+                cal.without_scale().save(cal_path)  # the shift alone: what the measurements favour
             else:
                 cal = KCalibration.load(cal_path if source == "auto" else source)
             if cal.shape != (nl, kvh, hd):

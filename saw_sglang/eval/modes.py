@@ -106,18 +106,22 @@ def build(spec: ModeSpec | str, head_dim: int, calibrations=None) -> KVMode:
         if calibrations is None:
             raise ValueError(f"mode {spec.text!r} needs a K calibration and none can be made here")
         cal = calibrations(cfg.saw_calibration)
-        parts = spec.sim_options.get("calibration-parts", "mean+scale")
+        # calibration=auto holds both halves; what a server gets (and the default) is the mean
+        parts = spec.sim_options.get("calibration-parts", "mean" if cfg.saw_calibration == "auto" else "as-is")
         if parts == "scale":
             cal = cal.without_mean()
         elif parts == "mean":
-            cal = KCalibration(cal.mean, torch.ones_like(cal.scale), cal.source)
+            cal = cal.without_scale()
     return KVMode(spec, fmt, cal)
 
 
 def default_specs(head_dim: int, quick: bool = False) -> list[str]:
     """The comparison the tool runs with no --modes: the references, naive INT4, the
-    server default, and the levers (see docs/eval.md)."""
-    specs = ["bf16", "fp8", "int4:rotation=none", "int4:scale-fit=minmax", "int4", "int4:calibration=auto"]
+    server default, with a K calibration, and (not --quick) the levers that cost read
+    work: K+V rotation and groups of 32 (see docs/eval.md)."""
+    specs = ["bf16", "fp8", "int4:rotation=none:scale-fit=minmax", "int4", "int4:calibration=auto"]
     if quick:
         return specs
-    return specs + ["int4:rotate-v", "int4:rotate-v:calibration=auto", f"int4:group-size={min(32, head_dim)}"]
+    g = min(32, head_dim)
+    return specs + ["int4:rotate-v", "int4:rotate-v:calibration=auto", f"int4:group-size={g}",
+                    f"int4:group-size={g}:calibration=auto"]
