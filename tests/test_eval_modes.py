@@ -20,7 +20,7 @@ def parse_mode(spec, d, keep_layers=()):
 @pytest.mark.parametrize("shape", [(2, 3, 5, 64), (1, 1, 7, 128), (4, 9, 32)])
 @pytest.mark.parametrize("spec", ["int4", "int4:rotation=none", "int4:hadamard-block-size=16",
                                   "int4:hadamard-block-size=32:rotate-v", "int4:group-size=32",
-                                  "int4:rotation=none:group-size=32", "int4:scale-fit=minmax",
+                                  "int4:rotation=none:group-size=32", "int4:scale-fit=lsq",
                                   "int4:hadamard-block-size=16:group-size=16:rotate-v"])
 def test_int4_roundtrip_is_reference(shape, spec):
     d = shape[-1]
@@ -34,7 +34,7 @@ def test_int4_roundtrip_is_reference(shape, spec):
         assert got.dtype == x.dtype and torch.equal(got, want)
     assert m.fmt.k_rotated == ("rotation=none" not in spec)
     assert m.fmt.v_rotated == (":rotate-v" in spec)
-    assert m.fmt.scale_fit == ("minmax" if "minmax" in spec else "lsq")
+    assert m.fmt.scale_fit == ("lsq" if "lsq" in spec else "minmax")
 
 
 def test_fp8_bf16_and_kept_layers():
@@ -189,6 +189,10 @@ def test_k_calibration_roundtrip_is_the_affine_reference():
     assert torch.equal(m.roundtrip(k, 1, is_key=False), build("int4", 64).roundtrip(k, 1, is_key=False))
     half = build("int4:calibration=x.pt:calibration-parts=scale", 64, lambda src: cal)
     assert half.calibration.mean.abs().max() == 0 and torch.equal(half.calibration.scale, cal.scale)
+    auto = build("int4:calibration=auto", 64, lambda src: cal)  # in-tool: the shift alone
+    assert torch.equal(auto.calibration.mean, cal.mean) and auto.calibration.scale.eq(1).all()
+    both = build("int4:calibration=auto:calibration-parts=mean+scale", 64, lambda src: cal)
+    assert torch.equal(both.calibration.scale, cal.scale)
     assert parse("int4:calibration=x.pt").server_args()[-2:] == ["--saw-calibration", "x.pt"]
     with pytest.raises(ValueError, match="simulation-only"):
         parse("int4:calibration=auto").server_args()
