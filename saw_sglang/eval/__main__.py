@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=256, help="tokens per teacher-forced window (default 256)")
     p.add_argument("--context", type=int, default=None,
                    help="windows start at positions spread over [0, CONTEXT), as a server's keys sit "
-                        "anywhere in its context (default: the model's max positions, at most 32768; "
-                        "0: every window at position 0)")
+                        "anywhere in its context (default: the model's max positions, at most 32768, "
+                        "or 0 with --server, whose requests start at 0; 0: every window at position 0)")
     p.add_argument("--modes", help="comma-separated modes, grammar below (default: the server's default, "
                    "naive INT4 and the levers for the model's head_dim)")
     p.add_argument("--quick", action="store_true",
@@ -138,7 +138,8 @@ def main(argv=None) -> int:
     wins = {t.name: text.windows(tok, t.body, args.ctx, args.tokens) for t in texts}
     from .calibrate import calibrate, context_of
 
-    context = context_of(model) if args.context is None else args.context
+    # with servers, windows start at position 0 as their requests do
+    context = (0 if args.server else context_of(model)) if args.context is None else args.context
     cal_path = Path(args.calibration) if args.calibration else out / CALIBRATION_FILE
     cache = {}
 
