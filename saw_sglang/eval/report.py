@@ -79,7 +79,7 @@ def plot(path: Path, table: GapTable | None, rows: list[dict], title: str) -> bo
             ax.scatter(xs, y, s=14, marker=markers[j % len(markers)], zorder=3, label=t)
         for x, style in ((70, "--"), (100, ":")):
             ax.axvline(x, ls=style, lw=1, color="gray")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, frameon=False)
     ax.set_yticks(y, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("share of naive INT4's perplexity gap closed (%)")
