@@ -28,7 +28,7 @@ class SawConfig:
     saw_hadamard_block_size: int | None = None
     saw_group_size: int | None = None
     saw_rotate_v: bool = False
-    saw_scale_fit: str = "minmax"
+    saw_scale_fit: str | None = None  # None: lsq with a calibration, minmax without
     saw_calibration: str | None = None
 
     @classmethod
@@ -42,6 +42,11 @@ class SawConfig:
         default = cls()
         return cls(**{n: get(n, getattr(default, n)) for n in cls.names()})
 
+    @property
+    def scale_fit(self) -> str:
+        """Least squares pays off on calibrated keys (docs/eval.md), min-max otherwise."""
+        return self.saw_scale_fit or ("lsq" if self.saw_calibration else "minmax")
+
     def fmt(self, head_dim: int) -> Int4KVFormat:
         """The KV format for a model with this head_dim; raises ValueError naming the flag."""
         try:
@@ -51,7 +56,7 @@ class SawConfig:
                 rotation=self.saw_rotation,
                 block_size=self.saw_hadamard_block_size,
                 rotate_v=self.saw_rotate_v,
-                scale_fit=self.saw_scale_fit,
+                scale_fit=self.scale_fit,
             )
         except ValueError as e:
             raise ValueError(
@@ -116,9 +121,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--saw-scale-fit", choices=SCALE_FITS, default=d.saw_scale_fit,
-        help="How the write picks each group's fp16 (scale, min): minmax (default) maps min "
-        "and max to codes 0 and 15; lsq keeps those codes and least-squares fits the pair to "
-        "the values (lower squared error, more write work). Same stored format and readers.",
+        help="How the write picks each group's fp16 (scale, min): minmax maps min and max to "
+        "codes 0 and 15; lsq keeps those codes and least-squares fits the pair to the values "
+        "(lower squared error, more write work). Same stored format and readers. Default: "
+        "lsq with --saw-calibration, minmax without.",
     )
     g.add_argument(
         "--saw-calibration", default=d.saw_calibration, metavar="FILE",

@@ -186,7 +186,7 @@ def test_k_calibration_roundtrip_is_the_affine_reference():
     packed, scales = ref.quantize(k, m.fmt, True, affine=(mul[:, None], add[:, None]))
     want = ref.dequantize_values(packed, scales, m.fmt, True) * cal.scale[1][:, None] + cal.mean[1][:, None]
     assert torch.equal(m.roundtrip(k, 1, is_key=True), want.to(k.dtype))
-    assert torch.equal(m.roundtrip(k, 1, is_key=False), build("int4", 64).roundtrip(k, 1, is_key=False))
+    assert torch.equal(m.roundtrip(k, 1, is_key=False), build("int4:scale-fit=lsq", 64).roundtrip(k, 1, is_key=False))
     half = build("int4:calibration=x.pt:calibration-parts=scale", 64, lambda src: cal)
     assert half.calibration.mean.abs().max() == 0 and torch.equal(half.calibration.scale, cal.scale)
     auto = build("int4:calibration=auto", 64, lambda src: cal)  # in-tool: the shift alone
@@ -196,3 +196,10 @@ def test_k_calibration_roundtrip_is_the_affine_reference():
     assert parse("int4:calibration=x.pt").server_args()[-2:] == ["--saw-calibration", "x.pt"]
     with pytest.raises(ValueError, match="simulation-only"):
         parse("int4:calibration=auto").server_args()
+
+
+def test_scale_fit_defaults_to_least_squares_with_a_calibration():
+    cal = KCalibration.identity(2, 2, 64)
+    assert build("int4", 64).fmt.scale_fit == "minmax"
+    assert build("int4:calibration=auto", 64, lambda src: cal).fmt.scale_fit == "lsq"
+    assert build("int4:calibration=auto:scale-fit=minmax", 64, lambda src: cal).fmt.scale_fit == "minmax"

@@ -67,7 +67,7 @@ def test_parser_rejects_bad_values(argv):
 def test_saw_defaults_and_int4_defaults(llama):
     args = ServerArgs(model_path=llama, kv_cache_dtype="int4", attention_backend="triton", **CPU)
     assert (args.saw_rotation, args.saw_hadamard_block_size, args.saw_group_size,
-            args.saw_rotate_v, args.saw_scale_fit, args.saw_calibration) == ("hadamard", None, None, False, "minmax", None)
+            args.saw_rotate_v, args.saw_scale_fit, args.saw_calibration) == ("hadamard", None, None, False, None, None)
     assert args.cuda_graph_config.prefill.backend == "disabled"
     assert args.post_capture_kv_sizing_planned() is False
     # no backend given -> ours (Hopper's default would be fa3)
