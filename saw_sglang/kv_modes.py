@@ -39,11 +39,13 @@ Modes (comma-separated): bf16 | fp8 | int4[:OPTION]...
   int4                   SAW-INT4 with the server's defaults (--kv-cache-dtype int4)
 int4 options = the server's --saw-* flags without the prefix (one spelling everywhere):
   rotation=hadamard|none   hadamard-block-size=N   group-size=N   rotate-v | no-rotate-v
-  scale-fit=lsq|minmax     calibration=FILE (a K calibration: python -m saw_sglang.calibrate;
-                           the accuracy tool also takes calibration=auto: calibrate here)
+  scale-fit=minmax|lsq     (default: lsq with a calibration, minmax without)
+  calibration=FILE         a K calibration (python -m saw_sglang.calibrate); the accuracy
+                           tool also takes calibration=auto: calibrate here
 simulation only (accuracy tool):
   bf16-layers=0+1 (layers 0 and 1 stay BF16; 0-3 is a range)   sink-tokens=N (first N
-  tokens stay BF16)   q8 (int8 queries)   calibration-parts=mean|scale (half a calibration)
+  tokens stay BF16)   q8 (int8 queries)   calibration-parts=mean|scale|mean+scale (which
+  part of the calibration; calibration=auto uses the mean alone by default)
 e.g. bf16,fp8,int4:rotation=none,int4,int4:rotate-v,int4:group-size=32,int4:bf16-layers=0+1"""
 
 

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", help="comma-separated modes, grammar below (default: the server's default, "
                    "naive INT4 and the levers for the model's head_dim)")
     p.add_argument("--quick", action="store_true",
-                   help="only bf16, fp8, naive int4, the previous and the current default, and with calibration")
+                   help="only bf16, fp8, naive int4, the default, and the default with a K calibration")
     p.add_argument("--calibration", metavar="FILE",
                    help="a K calibration file for calibration=auto (default: calibrate here on the "
                         "bundled calibration text, and write it to OUT/" + CALIBRATION_FILE + ")")
