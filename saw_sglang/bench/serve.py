@@ -22,6 +22,7 @@ import os
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
@@ -124,12 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m saw_sglang.bench serve",
         description=__doc__.split("\n\n")[0] + " Throughput, TTFT and ITL per KV mode and concurrency.",
-        epilog=("Scenarios: NAME:IN:OUT:C1,C2,...[:K] runs num_prompts = max(--min-prompts, K x C) "
+        epilog=textwrap.fill("Scenarios: NAME:IN:OUT:C1,C2,...[:K] runs num_prompts = max(--min-prompts, K x C) "
                 "at each concurrency C. Defaults: " + " ".join(DEFAULT_SCENARIOS) + ". "
                 "--budget uses " + " ".join(BUDGET_SCENARIOS) + " (2x concurrency prompts for short, "
                 "1x for long, 3 points instead of 9) and adds --disable-piecewise-cuda-graph: "
                 "about 20 min on one H200 for the 4 modes with a Qwen3-8B-shaped dummy model "
-                "(1-3 min per server start, one start per mode).\n\n" + GRAMMAR.split("simulation only")[0]),
+                "(1-3 min per server start, one start per mode).", 88)
+        + "\n\n" + GRAMMAR.split("simulation only")[0],
         formatter_class=_HelpFormatter)
     p.add_argument("--model-path", required=True)
     p.add_argument("--modes", default=",".join(MODES),
