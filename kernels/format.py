@@ -31,6 +31,14 @@ ROTATIONS = ("hadamard", "none")
 SCALE_FITS = ("minmax", "lsq")
 
 
+def group_examples(head_dim: int, candidates) -> str:
+    """The distinct valid group sizes among `candidates` (even divisors of head_dim),
+    largest first, as "a, b or c": suggestions that never repeat themselves."""
+    ok = sorted({g for g in candidates if g >= 2 and g % 2 == 0 and head_dim % g == 0}, reverse=True)
+    ok = [str(g) for g in ok] or [str(head_dim)]
+    return ok[0] if len(ok) == 1 else ", ".join(ok[:-1]) + " or " + ok[-1]
+
+
 @dataclass(frozen=True)
 class Int4KVFormat:
     head_dim: int
@@ -59,7 +67,7 @@ class Int4KVFormat:
         if g < 2 or g % 2 or d % g:
             raise ValueError(
                 f"group size {g} must be an even divisor of head_dim {d} "
-                f"(e.g. {d}, {d // 2} or 32)"
+                f"(e.g. {group_examples(d, (d, d // 2, 32))})"
             )
         if b < 1 or b & (b - 1) or d % b:
             raise ValueError(

@@ -67,7 +67,7 @@ def _codes_f16(packed):
     return lo, hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['stride_qt', 'stride_os', 'stride_ot', 'stride_ls', 'stride_lt', 'num_splits'])
 def _prefix_attn_kernel(
     Q, O, LSE,
     QO_INDPTR, KV_INDPTR, KV_INDICES, KV_LENS,

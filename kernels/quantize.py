@@ -233,7 +233,7 @@ def _quantize_rows(
         tl.store(scale_ptr + row[:, None] * (NG * 2) + offs_s[None, :], sm, mask=mask_t[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T'])
 def _quantize_kv_kernel(
     k_ptr, k_st, k_sh, v_ptr, v_st, v_sh, loc_ptr,
     kd_ptr, ks_ptr, vd_ptr, vs_ptr, kmul_ptr, kadd_ptr,
@@ -256,7 +256,7 @@ def _quantize_kv_kernel(
                        STAGES, False, LSQ)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T'])
 def _dequantize_kernel(
     data_ptr, scale_ptr, loc_ptr, out_ptr, o_st, o_sh,
     T, H, inv_sqrt_b,

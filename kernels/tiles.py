@@ -34,3 +34,10 @@ def online_softmax_step(s, m_i, l_i):
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def split_length(kv_len, NUM_SPLITS, BLOCK_N: tl.constexpr, MIN_BLOCKS: tl.constexpr):
+    """Tokens per split of a request (a BLOCK_N multiple, at least MIN_BLOCKS blocks): the
+    split kernels and the merge must agree (decode_mma computes the same in Gluon)."""
+    return tl.maximum(tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N), MIN_BLOCKS) * BLOCK_N

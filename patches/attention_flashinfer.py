@@ -5,10 +5,13 @@ INT4 split-KV decode kernel over kv_indptr / kv_indices / kv_lens built from
 req_to_token (token slots at page_size 1, page ids at page_size > 1). FlashInfer's paged
 decode wrapper is never planned on the INT4 pool and the pool is never dequantised.
 
-Extend: write the new chunk, attend it causally on its fresh BF16 k/v with FlashInfer's
-ragged prefill wrapper (with lse), attend the cached INT4 prefix with our prefix kernel,
-and merge with FlashInfer's merge_state (base-2 lse: ours is converted). Batches where
-no request has a cached prefix skip the prefix part.
+Extend: write the new chunk, then (up to int4_attention.DEQUANT_MAX_TOKENS tokens of
+prefix + chunk in the batch) dequantise every request's prefix and chunk from the pool
+into BF16 and attend them in one causal pass of FlashInfer's ragged prefill wrapper, so a
+prompt sees the same quantised values on a radix-cache miss as on a hit. Larger batches
+attend the chunk causally on its fresh BF16 k/v (ragged wrapper, with lse), the cached
+INT4 prefix with our prefix kernel, and merge with FlashInfer's merge_state (base-2 lse:
+ours is converted).
 
 CUDA graphs (decode): preallocated indptr / indices / lens buffers refreshed outside
 the graph, a split count fixed per captured batch size and one shared split workspace.
@@ -31,12 +34,16 @@ BACKEND = "flashinfer"
 
 
 class _Int4Meta:
-    """Per-batch metadata of the INT4 paths (decode or extend)."""
+    """Per-batch metadata of the INT4 paths (decode or extend). `rows`: the token slots
+    of every request's prefix and chunk, in request order, when the extend is attended
+    through the pool (ragged wrapper planned over them); else None."""
 
     def __init__(self, kv=None, workspace=None, num_splits=None, max_kv_len=None,
-                 qo_indptr=None, prefix=None, max_q_len=None, is_decode=True):
+                 qo_indptr=None, prefix=None, max_q_len=None, is_decode=True, rows=None,
+                 has_prefix=False):
         self.kv, self.workspace, self.num_splits, self.max_kv_len = kv, workspace, num_splits, max_kv_len
         self.qo_indptr, self.prefix, self.max_q_len, self.is_decode = qo_indptr, prefix, max_q_len, is_decode
+        self.rows, self.has_prefix = rows, has_prefix
         self.swa_out_cache_loc = None  # read by code that inspects FlashInfer metadata
 
 
@@ -70,6 +77,8 @@ def _build_class():
             self.int4_graph = None
             self.forward_metadata = None
             logger.info("INT4 KV: flashinfer backend uses SAW-INT4 kernels (%s)", fmt.describe())
+            ia.warm_up_kernels(model_runner, model_runner.token_to_kv_pool, self.int4_num_q_heads,
+                               self.int4_num_kv_heads)
 
         # -- metadata ------------------------------------------------------------
         def init_forward_metadata(self, forward_batch):
@@ -97,19 +106,29 @@ def _build_class():
             prefix_cpu = fb.extend_prefix_lens_cpu
             has_prefix = any(prefix_cpu) if prefix_cpu is not None else bool(fb.extend_prefix_lens.any())
             qo_indptr = ia.qo_indptr_from(fb.extend_seq_lens)
-            prefix = None
-            if has_prefix:
+            prefix = rows = None
+            kv_indptr = qo_indptr
+            total = fb.seq_lens_sum
+            if total is not None and total <= ia.DEQUANT_MAX_TOKENS:
+                # prefix + chunk through the pool (a prompt attends the same quantised values
+                # on a radix miss as on a hit): their token slots (req_to_token holds token
+                # slots at any page size) and one causal pass over them
+                seq = ia.build_kv_index(self.req_to_token_pool.req_to_token, fb.req_pool_indices,
+                                        fb.seq_lens, 1, total=int(total))
+                rows, kv_indptr = seq.kv_indices, seq.kv_indptr
+            elif has_prefix:
                 prefix = ia.build_kv_index(
                     self.req_to_token_pool.req_to_token, fb.req_pool_indices,
                     fb.extend_prefix_lens, P, total=ia.host_total(prefix_cpu, P),
                 )
             self.prefill_wrapper_ragged.begin_forward(
-                qo_indptr, qo_indptr, self.int4_num_q_heads, self.int4_num_kv_heads,
+                qo_indptr, kv_indptr, self.int4_num_q_heads, self.int4_num_kv_heads,
                 self.int4_head_dim, q_data_type=self.int4_q_dtype,
             )
             seq_cpu = fb.extend_seq_lens_cpu
             max_q = max(seq_cpu) if seq_cpu else None
-            return _Int4Meta(qo_indptr=qo_indptr, prefix=prefix, max_q_len=max_q, is_decode=False)
+            return _Int4Meta(qo_indptr=qo_indptr, prefix=prefix, max_q_len=max_q, is_decode=False, rows=rows,
+                             has_prefix=has_prefix)
 
         # -- CUDA graphs (decode only) ---------------------------------------------
         def init_cuda_graph_state(self, max_bs, max_num_tokens, kv_indices_buf=None):
@@ -167,6 +186,17 @@ def _build_class():
             m = self.forward_metadata
             ragged = self.prefill_wrapper_ragged
             cap = float(layer.logit_cap or 0.0)
+
+            # through the pool when the chunk was written; a chunk that was not (encoder-only
+            # layers) attends its fresh k/v, which the plan allows only without a prefix
+            if m.rows is not None and (encoder_only or not save_kv_cache) and m.has_prefix:
+                raise NotImplementedError(
+                    "INT4 KV cache: an extend over a cached prefix must write its chunk to the cache")
+            if m.rows is not None and save_kv_cache and not encoder_only:
+                return ia.extend_through_pool(
+                    q, self.token_to_kv_pool, layer, m.rows,
+                    lambda q3, k3, v3: ragged.forward(q3.contiguous(), k3, v3, causal=True,
+                                                      sm_scale=layer.scaling, logits_soft_cap=cap))
 
             def new_chunk(q3, k3, v3, need_lse):
                 call = ragged.forward_return_lse if need_lse else ragged.forward

@@ -5,10 +5,13 @@ inside its CUDA-graph buffers); we add kv_lens and, for graphs, a split count fi
 captured batch size and a shared split workspace.
 
 Decode: write the new token (pool.set_kv_buffer -> our quantize_and_store), then our
-INT4 decode kernel. Extend: write the new chunk; attend it causally on its fresh BF16
-k/v with SGLang's own Triton extend kernel run with `skip_prefix=True` and
-`lse_extend` (natural-log lse, no FlashInfer needed); attend the cached INT4 prefix
-with our prefix kernel; merge with SGLang's Triton merge_state (natural log).
+INT4 decode kernel. Extend: write the new chunk; then (up to
+int4_attention.DEQUANT_MAX_TOKENS tokens of prefix + chunk) dequantise the prefixes and
+the chunk from the pool into BF16 and run SGLang's own Triton extend kernel over them
+(prefix rows by index, the chunk as its new k/v), so a prompt sees the same quantised
+values on a radix-cache miss as on a hit. Larger batches attend the chunk causally on its
+fresh BF16 k/v (the extend kernel with `skip_prefix=True` and `lse_extend`), the cached
+INT4 prefix with our prefix kernel, and merge with SGLang's Triton merge_state.
 
 `TritonAttnBackend.__init__` reads `get_value_buffer(0).shape[-1]` as v_head_dim; on the
 packed pool that is the byte width (or a whole-layer dequantisation), so the
@@ -30,10 +33,16 @@ BACKEND = "triton"
 
 
 class _Int4Meta:
+    """`rows`: token slots of every prefix (request order) then of the whole chunk, when
+    the extend is attended through the pool; `prefix_rows` of them are prefix rows, which
+    `ws_indices` (0..prefix_rows-1) index for SGLang's extend kernel."""
+
     def __init__(self, kv=None, workspace=None, num_splits=None, max_kv_len=None,
-                 qo_indptr=None, prefix=None, max_q_len=None):
+                 qo_indptr=None, prefix=None, max_q_len=None, rows=None, prefix_rows=0,
+                 ws_indices=None):
         self.kv, self.workspace, self.num_splits, self.max_kv_len = kv, workspace, num_splits, max_kv_len
         self.qo_indptr, self.prefix, self.max_q_len = qo_indptr, prefix, max_q_len
+        self.rows, self.prefix_rows, self.ws_indices = rows, prefix_rows, ws_indices
 
 
 def _logical_value_buffer(head_dim):
@@ -81,6 +90,7 @@ def _build_class():
             self._encoder_only = AttentionType.ENCODER_ONLY
             self._KVWriteLoc = KVWriteLoc
             logger.info("INT4 KV: triton backend uses SAW-INT4 kernels (%s)", fmt.describe())
+            ia.warm_up_kernels(model_runner, pool, self.num_head, self.int4_num_kv_heads)
 
         # -- metadata ------------------------------------------------------------
         def init_forward_metadata(self, forward_batch):
@@ -105,7 +115,17 @@ def _build_class():
             if has_prefix:
                 prefix = ia.KVIndex(md.kv_indptr, md.kv_indices,
                                     forward_batch.extend_prefix_lens.to(torch.int32), 1)
-            self.int4_meta = _Int4Meta(qo_indptr=md.qo_indptr, prefix=prefix, max_q_len=md.max_extend_len)
+            meta = _Int4Meta(qo_indptr=md.qo_indptr, prefix=prefix, max_q_len=md.max_extend_len)
+            n_prefix = sum(prefix_cpu) if prefix_cpu is not None else None
+            n_new = forward_batch.extend_num_tokens
+            if n_prefix is not None and n_new is not None and n_prefix + n_new <= ia.DEQUANT_MAX_TOKENS:
+                # prefix + chunk through the pool (see int4_attention.DEQUANT_MAX_TOKENS):
+                # rows = prefix slots then chunk slots; the extend kernel reads the prefix
+                # part by index and the chunk part as its "new" k/v
+                meta.rows = torch.cat([md.kv_indices[:n_prefix].long(), forward_batch.out_cache_loc.long()])
+                meta.prefix_rows = n_prefix
+                meta.ws_indices = torch.arange(n_prefix, dtype=md.kv_indices.dtype, device=self.device)
+            self.int4_meta = meta
 
         # -- CUDA graphs (decode only) ---------------------------------------------
         def init_cuda_graph_state(self, max_bs, max_num_tokens, kv_indices_buf=None,
@@ -168,6 +188,23 @@ def _build_class():
             m = self.int4_meta
             md = self.forward_metadata
             cap = float(layer.logit_cap or 0.0)
+            has_prefix = m.prefix is not None
+            if m.rows is not None and (encoder_only or not save_kv_cache) and has_prefix:
+                raise NotImplementedError(
+                    "INT4 KV cache: an extend over a cached prefix must write its chunk to the cache")
+            if m.rows is not None and save_kv_cache and not encoder_only:
+                p = m.prefix_rows
+
+                def attend(q3, k_all, v_all):
+                    o = torch.empty_like(q3)
+                    self.extend_attention_fwd(
+                        q3, k_all[p:], v_all[p:], o, k_all, v_all, md.qo_indptr, md.kv_indptr,
+                        m.ws_indices, None, True, None, m.max_q_len, 1.0, 1.0, layer.scaling,
+                        logit_cap=cap,
+                    )
+                    return o
+
+                return ia.extend_through_pool(q, self.token_to_kv_pool, layer, m.rows, attend)
 
             def new_chunk(q3, k3, v3, need_lse):
                 k3, v3 = k3.contiguous(), v3.contiguous()

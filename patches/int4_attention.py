@@ -17,6 +17,7 @@ import functools
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -46,6 +47,31 @@ def decode_kernel_module():
     from saw_sglang.kernels import decode
 
     return decode
+
+
+def dequantize_kernel():
+    from saw_sglang.kernels.quantize import dequantize
+
+    return dequantize
+
+
+def warm_up_kernels(runner, pool, num_q_heads: int, num_kv_heads: int) -> None:
+    """Compile our kernels for this model before the first request (see kernels.warmup):
+    the server reports ready only after the backends are built."""
+    from saw_sglang.kernels.warmup import compiled_variants, warm_up
+
+    hf = getattr(getattr(runner, "model_config", None), "hf_config", None)
+    caps = {0.0, float(getattr(hf, "attn_logit_softcapping", None) or 0.0)}
+    k_data, v_data, k_scales, v_scales = pool.get_raw_kv_buffer(0)
+    dtype = getattr(runner, "dtype", None)
+    dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    before = compiled_variants()
+    t0 = time.perf_counter()
+    for cap in sorted(caps):
+        warm_up(pool_format(pool), num_q_heads, num_kv_heads, k_data, k_scales, v_data, v_scales,
+                page_size=int(getattr(runner, "page_size", 1) or 1), dtype=dtype, logit_cap=cap)
+    logger.info("INT4 KV: %d kernel variants compiled at startup in %.1f s",
+                compiled_variants() - before, time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------
@@ -247,6 +273,37 @@ def decode_forward(q, pool, layer, kv: KVIndex, out=None, workspace=None, num_sp
     return o.reshape(-1, layer.tp_q_head_num * layer.head_dim)
 
 
+# An extend whose cached prefix and new chunk together hold at most this many tokens is
+# attended through the pool: both are dequantised into the query dtype and attended in
+# one causal pass by the backend's own BF16 prefill, the chunk read back after its write,
+# so a prompt attends the same quantised values whether its prefix was a radix-cache hit
+# or was just computed. Larger batches use the prefix kernel and attend their chunk on
+# the fresh k/v. Off (0) by default: on the H200 the dequantise kernel (kernels/quantize.py,
+# an fp32 rotation written for tests and fallbacks) took 7-28 ms per layer for 8k-66k
+# rows (docs/prefix.md), far more than the attention it feeds; raise the bound once that
+# kernel runs at memory speed (e.g. rotate q instead of un-rotating K).
+DEQUANT_MAX_TOKENS = 0
+
+
+def dequantize_rows(pool, layer, slots: torch.Tensor, dtype):
+    """Token slots -> (k, v) [N, H, D] in `dtype` (the queries'), original basis, slot order."""
+    fmt = pool_format(pool)
+    k_data, v_data, k_scales, v_scales = pool.get_raw_kv_buffer(layer.layer_id)
+    deq = dequantize_kernel()
+    k = deq(k_data, k_scales, slots, fmt, fmt.k_rotated, dtype)
+    v = deq(v_data, v_scales, slots, fmt, fmt.v_rotated, dtype)
+    return k, v
+
+
+def extend_through_pool(q, pool, layer, slots: torch.Tensor, attend: Callable):
+    """Extend attention over dequantised pool rows: attend(q3, k, v) -> o [N, Hq, D]."""
+    fmt = pool_format(pool)
+    check_layer(layer, fmt)
+    hq, d = layer.tp_q_head_num, layer.head_dim
+    k, v = dequantize_rows(pool, layer, slots, q.dtype)
+    return attend(q.reshape(-1, hq, d), k, v).reshape(-1, hq * d)
+
+
 def prefix_forward(q3, qo_indptr, pool, layer, kv: KVIndex, max_q_len=None):
     """New queries over their cached INT4 prefixes -> (o q.dtype, lse natural log)."""
     fmt = pool_format(pool)
@@ -301,11 +358,11 @@ def torch_merge_state(o1, s1, o2, s2, base2: bool = False):
 
 def eager_decode_plan(pool, bs, num_q_heads, num_kv_heads, max_kv_len, device):
     """(split count, workspace) for one eager decode step, shared by every layer: the
-    kernel then allocates nothing per layer."""
+    kernels then allocate nothing per layer."""
     fmt = pool_format(pool)
     dec = decode_kernel_module()
-    s = dec.plan_splits(bs, num_kv_heads, fmt, device, max_kv_len)
-    return s, (dec.alloc_workspace(bs, num_q_heads, fmt.head_dim, s, device) if s > 1 else None)
+    s = dec.plan_splits(bs, num_kv_heads, fmt, device, max_kv_len, num_q_heads)
+    return s, dec.alloc_workspace(bs, num_q_heads, fmt.head_dim, s, device)
 
 
 # ---------------------------------------------------------------------------------
@@ -328,10 +385,11 @@ class DecodeGraphState:
         self.max_bs = max_bs
         self.splits: dict[int, int] = {}
         self.workspaces: dict[int, object] = {}
-        self._flat_o = self._flat_lse = None
+        self._flat = None
 
     def num_splits(self, bs: int) -> int:
-        return decode_kernel_module().plan_splits(bs, self.num_kv_heads, self.fmt, self.device)
+        return decode_kernel_module().plan_splits(bs, self.num_kv_heads, self.fmt, self.device,
+                                                  num_q_heads=self.num_q_heads)
 
     def prepare(self, bs: int):
         """Fix the split count and workspace of batch size `bs` (at capture)."""
@@ -339,18 +397,23 @@ class DecodeGraphState:
             return
         s = self.num_splits(bs)
         self.splits[bs] = s
-        self.workspaces[bs] = self._workspace(bs, s) if s > 1 else None
+        self.workspaces[bs] = self._workspace(bs, s)
 
     def _workspace(self, bs, s):
         Workspace = decode_kernel_module().DecodeWorkspace
         hq, d = self.num_q_heads, self.head_dim
-        if self._flat_o is None:
-            # One buffer for every batch size: sized for the largest bs * splits.
+        if self._flat is None:
+            # One set of buffers for every batch size: the split part sized for the
+            # largest bs * splits, the query part for the largest batch.
             rows = max(b * self.num_splits(b) for b in range(1, self.max_bs + 1))
-            self._flat_o = torch.empty(rows * hq * d, dtype=torch.float32, device=self.device)
-            self._flat_lse = torch.empty(rows * hq, dtype=torch.float32, device=self.device)
+            f32 = dict(dtype=torch.float32, device=self.device)
+            self._flat = (torch.empty(rows * hq * d, **f32), torch.empty(rows * hq, **f32),
+                          torch.empty(self.max_bs * hq * d, dtype=torch.float16, device=self.device),
+                          torch.empty(self.max_bs * hq * 2, **f32))
+        o, lse, qp, qs = self._flat
         n = bs * hq * s
-        return Workspace(self._flat_o[: n * d].view(bs, hq, s, d), self._flat_lse[:n].view(bs, hq, s))
+        return Workspace(o[: n * d].view(bs, hq, s, d), lse[:n].view(bs, hq, s),
+                         qp[: bs * hq * d].view(bs, hq, d), qs[: bs * hq * 2].view(bs, hq, 2))
 
     def fill(self, req_to_token, req_pool_indices, seq_lens, bs: int, total: Optional[int] = None) -> KVIndex:
         """Refresh the buffers in place for a batch padded to `bs` (outside the graph)."""

@@ -9,8 +9,10 @@ defaults, and refuse unsupported combinations before any model weight loads.
 - Defaults for int4: attention backend `flashinfer` (our INT4 variant) when none
   is given; piecewise prefill CUDA graph off unless the prefill graph backend is
   chosen explicitly; no post-capture KV resizing (quantized pools cannot).
-- Refusals run at the end of `__post_init__` (the parent process, before the
-  scheduler starts): unsupported model families, attention backends and features.
+- Refusals run in the parent process, before the scheduler starts: the checks that
+  need no model (backends, explicit --saw-* values against a local config.json)
+  before SGLang's own `__post_init__` (which probes the accelerator), the rest
+  (model families, features) at its end.
 """
 
 from __future__ import annotations
@@ -21,14 +23,21 @@ import os
 
 from sglang.srt.server_args import ServerArgs
 
-from saw_sglang.config import K_CALIBRATION_SERVED, KV_CACHE_DTYPE, SawConfig, add_cli_args, from_namespace
+from saw_sglang.config import (
+    DEFAULT_BACKEND,
+    KV_CACHE_DTYPE,
+    SawConfig,
+    add_cli_args,
+    check_backends,
+    check_flags,
+    check_serving_groups,
+    from_namespace,
+    refusal,
+)
 
 from ._util import is_int4, wrap
 
 logger = logging.getLogger(__name__)
-
-SUPPORTED_BACKENDS = ("flashinfer", "triton")
-DEFAULT_BACKEND = "flashinfer"
 _pending_cli = contextvars.ContextVar("saw_pending_cli", default=None)
 
 
@@ -77,6 +86,8 @@ def _init(orig):
 def _post_init(orig):
     def __post_init__(self):
         if is_int4(self):
+            # Before SGLang's own post-init, which probes the accelerator.
+            check_flags(SawConfig.from_object(self), self.model_path, _backends(self))
             _default_prefill_graph_off(self)
         orig(self)
         if is_int4(self):
@@ -122,7 +133,14 @@ def _post_capture(orig):
 
 # -- refusals -------------------------------------------------------------------------
 def _fail(what: str, fix: str):
-    raise ValueError(f"--kv-cache-dtype int4 does not support {what}. {fix}")
+    raise refusal(what, fix)
+
+
+def _backends(args) -> dict:
+    return {
+        "prefill": args.prefill_attention_backend or args.attention_backend,
+        "decode": args.decode_attention_backend or args.attention_backend,
+    }
 
 
 def check_model(model_config) -> None:
@@ -171,17 +189,7 @@ def check_model(model_config) -> None:
 
 def check_features(args) -> None:
     """Refuse attention backends and features that read or move KV without scales."""
-    backends = {
-        "prefill": args.prefill_attention_backend or args.attention_backend,
-        "decode": args.decode_attention_backend or args.attention_backend,
-    }
-    for phase, name in backends.items():
-        if name is not None and name not in SUPPORTED_BACKENDS:
-            _fail(
-                f"the {name} attention backend ({phase})",
-                f"Use --attention-backend {DEFAULT_BACKEND} (or triton); both have INT4 "
-                "kernels.",
-            )
+    check_backends(_backends(args))
     if args.enable_hierarchical_cache or args.hicache_storage_backend:
         _fail(
             "the hierarchical cache (its host pool has no room for INT4 scales)",
@@ -217,19 +225,15 @@ def validate(args) -> None:
     if str(args.model_path).lower() not in ("none", "dummy"):
         model_config = args.get_model_config()
         check_model(model_config)
-        check_groups(SawConfig.from_object(args).fmt(model_config.head_dim))  # flag values
+        check_serving_groups(SawConfig.from_object(args).fmt(model_config.head_dim))
         if args.saw_calibration:
             check_calibration(args.saw_calibration, model_config)
     check_features(args)
 
 
 def check_calibration(path, model_config) -> None:
-    """--saw-calibration: a readable file for this model, and a build that reads it."""
-    if not K_CALIBRATION_SERVED:
-        raise ValueError(
-            f"--saw-calibration {path}: this build's INT4 attention kernels do not read "
-            "calibrated keys yet (the write kernel and the accuracy tool do). Drop "
-            "--saw-calibration.")
+    """--saw-calibration: a file for this model (config.check_flags refused it already
+    where the attention kernels do not read calibrated keys)."""
     from saw_sglang.kernels.calibration import KCalibration
 
     cal = KCalibration.load(path)
@@ -237,14 +241,6 @@ def check_calibration(path, model_config) -> None:
     if cal.shape != want:
         raise ValueError(f"--saw-calibration {path} is for [layers, kv heads, head_dim] {cal.shape}, "
                          f"this model has {want}: make one with python -m saw_sglang.calibrate.")
-
-
-def check_groups(fmt) -> None:
-    """Several groups per head: the prefix (extend) kernel supports groups >= 32."""
-    if fmt.group_size < min(32, fmt.head_dim):
-        raise ValueError(
-            f"--saw-group-size {fmt.group_size}: the INT4 prefix attention needs groups of "
-            f"at least 32 channels. Use 32, 64 or leave it unset (one group per head).")
 
 
 def apply() -> bool:

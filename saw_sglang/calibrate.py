@@ -40,8 +40,9 @@ def main(argv=None) -> int:
     from saw_sglang.eval.hook import register
 
     print(f"loading {args.model} ...", file=sys.stderr)
-    model, tok = models.load(args.model, args.device, torch.bfloat16, register())
-    nl, kvh, _ = models.kv_shape(model)
+    tok = models.load_tokenizer(args.model)
+    model = models.load_model(args.model, args.device, torch.bfloat16, register())
+    nl, kvh, _ = models.kv_shape(model.config)
     hq = model.config.get_text_config().num_attention_heads
     with tqdm(desc="calibrating K", unit="window") as bar:
         cal = calibrate(model, tok, nl, hq, kvh, tokens=args.tokens, ctx=args.ctx, context=args.context,

@@ -9,11 +9,17 @@ module, not the other way round.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from dataclasses import dataclass, fields
 
-from saw_sglang.kernels.format import ROTATIONS, SCALE_FITS, Int4KVFormat
+from saw_sglang.kernels.format import ROTATIONS, SCALE_FITS, Int4KVFormat, group_examples
 
 KV_CACHE_DTYPE = "int4"
+SUPPORTED_BACKENDS = ("flashinfer", "triton")  # the attention backends with INT4 kernels
+DEFAULT_BACKEND = "flashinfer"
+# The INT4 prefix (extend) kernel reads groups of at least this many channels.
+MIN_SERVING_GROUP = 32
 # The INT4 attention backends read calibrated keys (q folded with the calibration's
 # scale, the prefix log-sum-exp shifted by its mean: kernels/calibration.py). Until
 # they do, --saw-calibration is refused at startup (the write alone would be wrong).
@@ -70,9 +76,85 @@ class SawConfig:
         if fmt.group_size < 8:
             raise ValueError(
                 f"--saw-group-size {fmt.group_size} is too small: use at least 8 "
-                f"(a divisor of head_dim {head_dim}, e.g. {head_dim} or 32)."
+                f"(a divisor of head_dim {head_dim}, e.g. "
+                f"{group_examples(head_dim, (head_dim, 32))})."
             )
         return fmt
+
+
+def refusal(what: str, fix: str) -> ValueError:
+    return ValueError(f"--kv-cache-dtype int4 does not support {what}. {fix}")
+
+
+def check_backends(backends: dict) -> None:
+    """Refuse attention backends without INT4 kernels ({phase: name or None})."""
+    for phase, name in backends.items():
+        if name is not None and name not in SUPPORTED_BACKENDS:
+            raise refusal(
+                f"the {name} attention backend ({phase})",
+                f"Use --attention-backend {DEFAULT_BACKEND} (or triton); both have INT4 kernels.",
+            )
+
+
+def check_serving_groups(fmt: Int4KVFormat) -> None:
+    """Several groups per head: the prefix (extend) kernel supports groups >= 32."""
+    least = min(MIN_SERVING_GROUP, fmt.head_dim)
+    if fmt.group_size < least:
+        d = fmt.head_dim
+        ok = group_examples(d, [g for g in (d, d // 2, MIN_SERVING_GROUP) if g >= least])
+        raise ValueError(
+            f"--saw-group-size {fmt.group_size}: the INT4 prefix attention needs groups of "
+            f"at least {least} channels. Use {ok}, or leave it unset (one group per head).")
+
+
+def local_head_dim(model_path) -> int | None:
+    """head_dim from a local model folder's config.json (no SGLang, no weights), or None."""
+    try:
+        with open(os.path.join(str(model_path), "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    head_dim = text.get("head_dim")
+    if not head_dim and text.get("hidden_size") and text.get("num_attention_heads"):
+        head_dim = text["hidden_size"] // text["num_attention_heads"]
+    return int(head_dim) if isinstance(head_dim, int) and head_dim > 0 else None
+
+
+def check_flags(cfg: SawConfig, model_path=None, backends: dict | None = None) -> None:
+    """The int4 checks that need neither SGLang nor the model's weights, run before
+    either loads: attention backends, and the --saw-* values given explicitly, against
+    the head_dim of a local config.json when there is one (otherwise what holds for
+    every head_dim; SGLang's model config completes the check later). Raises
+    ValueError naming the flag to fix."""
+    check_backends(backends or {})
+    if cfg.saw_rotation not in ROTATIONS:
+        raise ValueError(f"--saw-rotation {cfg.saw_rotation!r}: rotation must be one of {', '.join(ROTATIONS)}.")
+    if cfg.saw_scale_fit is not None and cfg.saw_scale_fit not in SCALE_FITS:
+        raise ValueError(f"--saw-scale-fit {cfg.saw_scale_fit!r}: must be one of {', '.join(SCALE_FITS)}, "
+                         "or leave it unset.")
+    if cfg.saw_calibration is not None and not K_CALIBRATION_SERVED:
+        raise ValueError(f"--saw-calibration {cfg.saw_calibration}: this build's INT4 attention kernels "
+                         "do not read calibrated keys yet (the write kernel and the accuracy tool do). "
+                         "Drop --saw-calibration.")
+    if cfg.saw_calibration is not None and not os.path.isfile(str(cfg.saw_calibration)):
+        raise ValueError(f"--saw-calibration {cfg.saw_calibration}: no such file; make one with "
+                         "python -m saw_sglang.calibrate --model MODEL --out FILE.")
+    g, b = cfg.saw_group_size, cfg.saw_hadamard_block_size
+    for flag, v in (("--saw-group-size", g), ("--saw-hadamard-block-size", b)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{flag} {v!r}: expected a positive integer, or leave it unset.")
+    head_dim = local_head_dim(model_path) if (g, b) != (None, None) else None
+    if head_dim is not None:
+        check_serving_groups(cfg.fmt(head_dim))
+        return
+    if b is not None and b & (b - 1):
+        raise ValueError(f"--saw-hadamard-block-size {b}: use a power of two dividing head_dim "
+                         "(e.g. 64 or 128), or leave it unset for min(128, head_dim).")
+    if g is not None and g % 2:
+        raise ValueError(f"--saw-group-size {g}: a group is an even number of channels dividing "
+                         "head_dim, at least 32 (e.g. 64 or 32 for head_dim 64); leave it unset "
+                         "for one group per head.")
 
 
 def _positive_int(text: str) -> int:

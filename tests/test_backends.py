@@ -77,7 +77,11 @@ def _decode_ref(q, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv
 
 @pytest.fixture
 def ref_kernels(monkeypatch):
-    calls = {"decode": 0, "prefix": 0}
+    calls = {"decode": 0, "prefix": 0, "dequant": 0}
+
+    def deq(data, scales, loc, fmt, rotated, dtype=torch.bfloat16):
+        calls["dequant"] += 1
+        return ref.dequantize_ref(data, scales, loc, fmt, rotated, dtype)
 
     def dec(*a, **k):
         calls["decode"] += 1
@@ -87,23 +91,18 @@ def ref_kernels(monkeypatch):
         calls["prefix"] += 1
         return ref.prefix_attention_ref(*a, **k)
 
-    class Workspace:
-        def __init__(self, mid_o, mid_lse):
-            self.mid_o, self.mid_lse = mid_o, mid_lse
+    from saw_sglang.kernels.decode import DecodeWorkspace, alloc_workspace
 
-    # stand-in for saw_sglang.kernels.decode's split policy and workspace type
-    def plan_splits(bs, hkv, fmt, device, max_kv_len=None):
+    # the real workspace; a split policy with few programs (the interpreter is slow)
+    def plan_splits(bs, hkv, fmt, device, max_kv_len=None, num_q_heads=None):
         return max(1, 8 // (bs * hkv))
 
-    fake_dec = types.SimpleNamespace(
-        plan_splits=plan_splits,
-        alloc_workspace=lambda bs, hq, d, s, device: Workspace(
-            torch.empty(bs, hq, s, d, device=device), torch.empty(bs, hq, s, device=device)),
-        DecodeWorkspace=Workspace,
-    )
+    fake_dec = types.SimpleNamespace(plan_splits=plan_splits, alloc_workspace=alloc_workspace,
+                                     DecodeWorkspace=DecodeWorkspace)
     monkeypatch.setattr(ia, "decode_kernel", lambda: dec)
     monkeypatch.setattr(ia, "prefix_kernel", lambda: pre)
     monkeypatch.setattr(ia, "decode_kernel_module", lambda: fake_dec)
+    monkeypatch.setattr(ia, "dequantize_kernel", lambda: deq)
     return calls
 
 
@@ -131,6 +130,19 @@ def causal_attend(q, k, v, qo, sm_scale, cap=0.0):
         mask = torch.ones(n, n, dtype=torch.bool).tril()
         o[a:e], lse[a:e] = ref._attend(q[a:e].float(), k[a:e].float(), v[a:e].float(), sm_scale, cap, mask)
     return o, lse
+
+
+def pool_reference(q, pool, layer_id, seq_slots_per_req, qo, sm_scale, cap=0.0):
+    """Attention of each new query over its request's dequantised [prefix ; chunk] rows,
+    causal (query i of n sees the prefix and chunk rows up to itself)."""
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    for b, slots in enumerate(seq_slots_per_req):
+        a, e = int(qo[b]), int(qo[b + 1])
+        k, v = pool.dequant(layer_id, slots)
+        n, total = e - a, len(slots)
+        mask = torch.ones(n, total, dtype=torch.bool).tril(total - n)
+        out[a:e], _ = ref._attend(q[a:e].float(), k, v, sm_scale, cap, mask)
+    return out
 
 
 def full_reference(q, k_new, v_new, pool, layer_id, slots_per_req, qo, sm_scale, cap=0.0):
@@ -557,14 +569,31 @@ def _extend_setup(gen, fmt, hq, hkv, prefix_lens, new_lens, page_size, dtype):
                 seq_lens_cpu=seq.clone(), seq_lens_sum=int(seq.sum()),
                 extend_prefix_lens=torch.tensor(prefix_lens), extend_prefix_lens_cpu=list(prefix_lens),
                 extend_seq_lens=torch.tensor(new_lens), extend_seq_lens_cpu=list(new_lens),
-                out_cache_loc=out_loc)
+                extend_num_tokens=n, out_cache_loc=out_loc)
     return r2t, pool, layer, slots, q, k, v, out_loc, fb
 
 
+def _expected_extend(through_pool, r2t, pool, layer, slots, q, k, v, prefix_lens, new_lens, hq, hkv, d):
+    """Through the pool: every request's dequantised prefix and chunk; else the dequantised
+    prefix and the fresh chunk."""
+    n = sum(new_lens)
+    qo = ia.qo_indptr_from(torch.tensor(new_lens))
+    if through_pool:
+        seq = [r2t[i + 1, : p + m].long() for i, (p, m) in enumerate(zip(prefix_lens, new_lens))]
+        return pool_reference(q.view(n, hq, d), pool, 0, seq, qo, layer.scaling)
+    return full_reference(q.view(n, hq, d), k.view(n, hkv, d), v.view(n, hkv, d), pool, 0, slots, qo,
+                          layer.scaling)
+
+
+@pytest.mark.parametrize("through_pool", [True, False])
 @pytest.mark.parametrize("prefix_lens", [[6, 0], [0, 0]])
-def test_triton_backend_extend(server_args, parallel, ref_kernels, prefix_lens):
+def test_triton_backend_extend(server_args, parallel, ref_kernels, prefix_lens, through_pool, monkeypatch):
+    """Small batches attend prefix and chunk through the pool (the chunk's own quantised
+    values, as a later radix hit would see them); above DEQUANT_MAX_TOKENS the chunk
+    attends its fresh k/v and the prefix goes through the prefix kernel and a merge."""
     from saw_sglang.patches.attention_triton import backend_class
 
+    monkeypatch.setattr(ia, "DEQUANT_MAX_TOKENS", 1 << 16 if through_pool else 0)
     gen = torch.Generator().manual_seed(sum(prefix_lens) + 1)
     hq, hkv, d, P = 4, 2, 64, 1
     fmt = Int4KVFormat(d)
@@ -575,12 +604,12 @@ def test_triton_backend_extend(server_args, parallel, ref_kernels, prefix_lens):
     b = backend_class()(_runner(pool, r2t, hq, hkv, d, P, r2t.shape[1], server_args))
     b.init_forward_metadata(fb)
     assert (b.int4_meta.prefix is None) == (not any(prefix_lens))
+    assert (b.int4_meta.rows is not None) == through_pool
     out = b.forward_extend(q, k, v, layer, fb)
-    qo = ia.qo_indptr_from(torch.tensor(new_lens))
-    want = full_reference(q.view(n, hq, d), k.view(n, hkv, d), v.view(n, hkv, d), pool, 0, slots, qo,
-                          layer.scaling)
+    want = _expected_extend(through_pool, r2t, pool, layer, slots, q, k, v, prefix_lens, new_lens, hq, hkv, d)
     torch.testing.assert_close(out.float().view_as(want), want, atol=1e-2, rtol=1e-2)
-    assert ref_kernels["prefix"] == (1 if any(prefix_lens) else 0)
+    assert ref_kernels["prefix"] == (1 if any(prefix_lens) and not through_pool else 0)
+    assert ref_kernels["dequant"] == (2 if through_pool else 0)
     # the new chunk was written to the cache at its slots (one write per call)
     assert pool.writes == sum(1 for p in prefix_lens if p) + 1
     want_k = ref.dequantize_values(*ref.quantize(k.view(n, hkv, d), fmt, fmt.k_rotated), fmt, fmt.k_rotated)
@@ -594,15 +623,23 @@ class _FakeRagged:
     base-2 lse like FlashInfer."""
 
     def __init__(self, *a, **k):
-        self.qo = None
+        self.qo = self.kv = None
 
     def begin_forward(self, qo_indptr, kv_indptr, hq, hkv, d, q_data_type=None, **k):
-        assert torch.equal(qo_indptr, kv_indptr)
-        self.qo = qo_indptr.clone()
+        self.qo, self.kv = qo_indptr.clone(), kv_indptr.clone()
 
     def forward_return_lse(self, q, k, v, causal=True, sm_scale=None, logits_soft_cap=0.0, **kw):
         assert causal
-        o, lse = causal_attend(q, k, v, self.qo, sm_scale, logits_soft_cap)
+        if not torch.equal(self.qo, self.kv):  # kv longer than qo: bottom-right causal mask
+            o = torch.zeros(q.shape, dtype=torch.float32)
+            lse = torch.zeros(q.shape[:2], dtype=torch.float32)
+            for b in range(self.qo.numel() - 1):
+                qa, qe, ka, ke = int(self.qo[b]), int(self.qo[b + 1]), int(self.kv[b]), int(self.kv[b + 1])
+                mask = torch.ones(qe - qa, ke - ka, dtype=torch.bool).tril((ke - ka) - (qe - qa))
+                o[qa:qe], lse[qa:qe] = ref._attend(q[qa:qe].float(), k[ka:ke].float(), v[ka:ke].float(),
+                                                   sm_scale, logits_soft_cap, mask)
+        else:
+            o, lse = causal_attend(q, k, v, self.qo, sm_scale, logits_soft_cap)
         return o.to(q.dtype), lse / LN2
 
     def forward(self, *a, **k):
@@ -658,10 +695,13 @@ def test_flashinfer_backend_decode(server_args, parallel, ref_kernels, fake_flas
     torch.testing.assert_close(out_g.float(), want.float(), atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("through_pool", [True, False])
 @pytest.mark.parametrize("page_size", [1, 16])
-def test_flashinfer_backend_extend(server_args, parallel, ref_kernels, fake_flashinfer, page_size):
+def test_flashinfer_backend_extend(server_args, parallel, ref_kernels, fake_flashinfer, page_size,
+                                   through_pool, monkeypatch):
     from saw_sglang.patches.attention_flashinfer import backend_class
 
+    monkeypatch.setattr(ia, "DEQUANT_MAX_TOKENS", 1 << 16 if through_pool else 0)
     gen = torch.Generator().manual_seed(7 + page_size)
     hq, hkv, d = 4, 2, 64
     fmt = Int4KVFormat(d)
@@ -673,11 +713,10 @@ def test_flashinfer_backend_extend(server_args, parallel, ref_kernels, fake_flas
     runner.dtype = torch.float32
     b = backend_class()(runner)
     b.init_forward_metadata(fb)
+    assert (b.forward_metadata.rows is not None) == through_pool
     out = b.forward_extend(q, k, v, layer, fb)
-    qo = ia.qo_indptr_from(torch.tensor(new_lens))
-    want = full_reference(q.view(n, hq, d), k.view(n, hkv, d), v.view(n, hkv, d), pool, 0, slots, qo,
-                          layer.scaling)
+    want = _expected_extend(through_pool, r2t, pool, layer, slots, q, k, v, prefix_lens, new_lens, hq, hkv, d)
     torch.testing.assert_close(out.view_as(want), want, atol=1e-4, rtol=1e-4)
-    assert ref_kernels["prefix"] == 1
+    assert ref_kernels["prefix"] == (0 if through_pool else 1)
     with pytest.raises(NotImplementedError):
         b.init_forward_metadata(_batch("TARGET_VERIFY", batch_size=1))

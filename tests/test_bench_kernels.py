@@ -9,39 +9,48 @@ from saw_sglang.bench import kernels as bk
 def test_help_runs_without_a_gpu():
     r = subprocess.run([sys.executable, "-m", "saw_sglang.bench.kernels", "--help"],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "--tune" in r.stdout and "--quick" in r.stdout
+    assert r.returncode == 0 and "--heads" in r.stdout and "--quick" in r.stdout
 
 
-def test_shape_list_fits_the_budget_and_covers_the_targets():
+def test_matrix_fits_the_budget_and_covers_the_issue_shapes():
     rows = bk.shapes()
-    assert (1, 256, 32768, "random") not in rows  # 8.4M tokens: over 20 GB with three pools
-    for shape in [(1, 16, 8192), (1, 64, 8192), (1, 64, 32768), (1, 256, 2048), (16, 64, 8192), (1, 1, 8192)]:
-        assert (*shape, "random") in rows
-    assert (1, 16, 8192, "contiguous") in rows
-    assert all(b * c * bk.pool_bytes_per_token() <= bk.BUDGET_BYTES for _, b, c, s in rows)
-    assert len(bk.shapes(quick=True)) < len(rows)
+    heads = {h for h, _, _, _ in rows}
+    assert heads == set(bk.HEADS)
+    for b, c in [(16, 8192), (64, 8192), (64, 32768), (256, 2048), (1, 131072), (4, 131072), (1, 2048)]:
+        for p in (1, 16):
+            assert ((32, 8, 128), p, b, c) in rows
+    assert ((32, 8, 128), 1, 16, 131072) not in rows  # 128k only for batch <= 4
+    assert all(b * c * bk.pool_bytes_per_token(h[1], h[2]) <= bk.BUDGET_BYTES for h, _, b, c in rows)
+    quick = bk.shapes(quick=True, heads=((32, 8, 128),), pages=(1,))
+    assert len(quick) == len(bk.QUICK) and len(quick) < len(rows)
 
 
 def test_byte_counts():
-    # 16 x 8192 tokens, 8 kv heads: 68 B per token-head for K and for V, 4 B index per token,
-    # q read + out written in bf16
-    tokens = 16 * 8192
-    qo = 2 * 16 * 32 * 128 * 2
-    assert bk.bytes_read("int4", 16, 8192) == tokens * 8 * 136 + 4 * tokens + qo
-    assert bk.bytes_read("bf16", 16, 8192) == tokens * 8 * 512 + 4 * tokens + qo
-    assert bk.bytes_read("fp8", 16, 8192, page=16) == tokens * 8 * 256 + 4 * tokens // 16 + qo
-    # the targets.md INT4 floor at 4284 GB/s: 0.0333 ms for 16 x 8k
-    assert abs(bk.int4_floor_ms(16, 8192, 4284) - 0.0333) < 5e-4
+    # 16 x 8192 tokens, 8 kv heads, D 128: 68 B per token-head for K and for V, 4 B index per
+    # token (per page at page 16), q read + out written in bf16
+    tokens, qo = 16 * 8192, 2 * 16 * 32 * 128 * 2
+    assert bk.bytes_read("int4", 16, 8192, 32, 8, 128) == tokens * 8 * 136 + 4 * tokens + qo
+    assert bk.bytes_read("bf16", 16, 8192, 32, 8, 128) == tokens * 8 * 512 + 4 * tokens + qo
+    assert bk.bytes_read("fp8", 16, 8192, 32, 8, 128, page=16) == tokens * 8 * 256 + 4 * tokens // 16 + qo
+    assert bk.per_token_head("int4", 64) == 2 * 36
     assert bk.n_rotations(1 << 40) == 1 and bk.n_rotations(1 << 20) == 16
 
 
 def test_table_formatting():
-    r = dict(page=1, batch=16, ctx=8192, slots="random", ours_ms={"none": 0.04, "k": 0.05, "kv": 0.06},
-             bf16_ms=0.15, fp8_ms=None, floor_ms=0.0333, gbs=2900.0, pct_copy=67.7)
-    t = bk.table([r]).splitlines()
-    assert t[0].startswith("| page |") and len(t) == 3
-    assert t[1].count("|") == t[0].count("|")
-    assert "0.0400 / 0.0500 / 0.0600" in t[2] and "3.00x" in t[2] and "68%" in t[2] and "| - |" in t[2]
+    r = dict(hq=32, hkv=8, d=128, page=1, batch=16, ctx=8192, int4_ms=0.05, bf16_ms=0.15, fp8_ms=None,
+             int4_gbs=2900.0, bf16_gbs=4000.0)
+    t = bk.decode_table([r]).splitlines()
+    assert t[0].startswith("| q/kv heads") and len(t) == 3 and t[1].count("|") == t[0].count("|")
+    assert "| 32/8/128 | 1 | 16 x 8k | 0.0500 | 0.1500 | - | 3.00x | - | 2900 | 4000 | 72% |" == t[2]
+    e = dict(prefix=8192, new=8192, reqs=1, int4_ms=2.0, dequant_ms=0.1, attend_ms=1.9, bf16_ms=1.8)
+    assert "0.90x" in bk.extend_table([e]).splitlines()[2]
+
+
+def test_csv_has_one_row_per_shape(tmp_path):
+    rows = [dict(hq=32, hkv=8, d=128, page=1, batch=b, ctx=8192, int4_ms=0.1, bf16_ms=None) for b in (1, 2)]
+    bk.write_csv(rows, tmp_path / "d.csv")
+    lines = (tmp_path / "d.csv").read_text().splitlines()
+    assert lines[0].startswith("hq,hkv,d,page,batch,ctx") and len(lines) == 3
 
 
 def test_copy_ceiling_kernel_copies_every_element():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from saw_sglang.bench import serve
-from saw_sglang.bench.server import ManagedServer, ServerStartError, free_port
+from saw_sglang.bench.server import ManagedServer, ServerStartError, reserve_port
 
 FAKES = Path(__file__).parent / "fakes"
 sys.path.insert(0, str(FAKES))  # synthetic_trace
@@ -143,9 +143,20 @@ def test_failed_start_is_recorded_and_other_modes_run(tmp_path):
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     saw = [p for p in res["points"] if p["mode"] == "int4"]
     bf = [p for p in res["points"] if p["mode"] == "bf16"]
-    assert len(saw) == 3 and all(p["error"] == "server failed to start" for p in saw)
+    log = tmp_path / "out" / "server-int4.log"
+    assert len(saw) == 3 and all(p["error"] == f"server failed to start (log {log})" for p in saw)
     assert all(p["output_tok_s"] for p in bf)
     assert "exited with code 3" in res["servers"]["int4"]["error"]
+    assert_all_gone(pidfile)
+
+
+def test_no_server_starts_log_shown_and_no_plot(tmp_path, capsys):
+    a, pidfile = argv(tmp_path, server_env="FAKE_MODE=exit", modes="int4")
+    assert serve.main(a) == 1
+    err = capsys.readouterr().err
+    log = tmp_path / "out" / "server-int4.log"
+    assert f"log {log}" in err and "fake server: failing on purpose" in err  # path and tail
+    assert not (tmp_path / "out" / "throughput.png").exists()  # nothing measured, no empty plot
     assert_all_gone(pidfile)
 
 
@@ -199,7 +210,7 @@ def test_signal_mid_sweep_stops_server(tmp_path, sig):
 
 def test_managed_server_escalates_to_sigkill(tmp_path):
     pidfile = tmp_path / "pids"
-    port = free_port()
+    port = reserve_port()
     env = dict(os.environ, FAKE_PIDFILE=str(pidfile), FAKE_IGNORE_SIGTERM="1")
     srv = ManagedServer([sys.executable, str(FAKES / "fake_sglang_server.py"), "--port", str(port)],
                         "127.0.0.1", port, str(tmp_path / "log"), env=env, stop_grace_s=1.0)
@@ -210,7 +221,7 @@ def test_managed_server_escalates_to_sigkill(tmp_path):
 
 def test_managed_server_exception_inside_context(tmp_path):
     pidfile = tmp_path / "pids"
-    port = free_port()
+    port = reserve_port()
     env = dict(os.environ, FAKE_PIDFILE=str(pidfile))
     with pytest.raises(ZeroDivisionError):
         with ManagedServer([sys.executable, str(FAKES / "fake_sglang_server.py"), "--port", str(port)],
@@ -220,7 +231,7 @@ def test_managed_server_exception_inside_context(tmp_path):
 
 
 def test_start_failure_raises_with_log_tail(tmp_path):
-    port = free_port()
+    port = reserve_port()
     env = dict(os.environ, FAKE_MODE="exit")
     srv = ManagedServer([sys.executable, str(FAKES / "fake_sglang_server.py"), "--port", str(port)],
                         "127.0.0.1", port, str(tmp_path / "log"), env=env)

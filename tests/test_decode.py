@@ -14,7 +14,8 @@ import torch
 
 from decode_cases import errors, make_case
 from saw_sglang.kernels import reference as ref
-from saw_sglang.kernels.decode import (alloc_workspace, choose_num_splits, decode_attention)
+from saw_sglang.kernels.decode import (DecodePlan, alloc_workspace, choose_num_splits, decode_attention,
+                                       decode_impl, head_group, plan_splits)
 
 MAX_ABS, MAX_REL = 2e-2, 5e-3
 
@@ -91,11 +92,42 @@ def test_bf16_queries_workspace_and_out_buffer():
 
 
 def test_split_policy_is_host_only_and_bounded():
-    assert choose_num_splits(1, 8, 132) == 64
-    assert choose_num_splits(256, 8, 132) == 1
-    assert choose_num_splits(16, 8, 132, waves=8) == 9
-    assert choose_num_splits(1, 8, 132, max_kv_len=100, block_n=64) == 1
-    assert all(1 <= choose_num_splits(b, 8, 132) <= 64 for b in (1, 2, 3, 7, 64, 1000))
+    # programs = batch x head groups; splits ~ waves x SMs / programs, capped
+    assert choose_num_splits(2, 132, waves=2) == 132
+    assert choose_num_splits(1, 132, waves=8, max_splits=64) == 64
+    assert choose_num_splits(512, 132, waves=2) == 1
+    assert choose_num_splits(32, 132, waves=2) == 9
+    assert choose_num_splits(2, 132, max_kv_len=100, block_n=32, min_blocks=4) == 1
+    assert choose_num_splits(2, 132, max_kv_len=32768, block_n=32, min_blocks=4) == 132
+    assert all(1 <= choose_num_splits(b, 132) <= 256 for b in (1, 2, 3, 7, 64, 1000))
+
+
+def test_head_groups_and_impl_choice():
+    assert [head_group(h, 4) for h in (1, 2, 3, 8, 32, 6)] == [1, 2, 1, 4, 4, 2]
+    fmt = make_case([4], 8, 2, 64, seed=1)["fmt"]
+    assert decode_impl("cpu", fmt, 4) == "triton"  # the tensor-core kernel needs CUDA
+    # the split count a preallocating caller plans is the one decode_attention uses
+    assert plan_splits(3, 2, fmt, "cpu", 5000, 8) == plan_splits(3, 2, fmt, "cpu", 5000, 8, "triton")
+    with pytest.raises(ValueError, match="unknown triton decode knob"):
+        decode_attention(**make_case([8], 8, 2, 64, seed=1), sm_scale=0.1, stages=3)
+    with pytest.raises(ValueError, match="impl"):
+        decode_attention(**make_case([8], 8, 2, 64, seed=1), sm_scale=0.1, impl="cuda")
+
+
+def test_decode_plan_runs_without_allocating():
+    case = make_case([40, 0, 75], 8, 2, 64, seed=9)
+    plan = DecodePlan(case["fmt"], 8, 2, "cpu", page_size=1)
+    s = plan.plan(3, max_kv_len=75, num_splits=3)
+    ws = plan.workspace
+    assert s == 3 and ws.fits(3, 8, 64, 3)
+    args = {k: case[k] for k in ("q", "k_data", "k_scales", "v_data", "v_scales", "kv_indptr",
+                                 "kv_indices", "kv_lens")}
+    out = plan.run(**args, sm_scale=0.125)
+    assert plan.workspace is ws  # run() reuses the planned workspace
+    expect = ref.decode_attention_ref(sm_scale=0.125, **case)
+    mx, rel = errors(out, expect)
+    assert mx <= MAX_ABS and rel <= MAX_REL
+    assert plan.plan(2, num_splits=2) == 2 and plan.workspace is ws  # fits: kept
 
 
 def test_bad_inputs_are_refused():
@@ -173,8 +205,6 @@ def test_qk_int8_refuses_small_groups():
     case = make_case([8], 4, 1, 64, group=32, seed=2)
     with pytest.raises(ValueError, match="qk_int8"):
         decode_attention(**case, sm_scale=0.1, qk_int8=True)
-    with pytest.raises(ValueError, match="pv_int8"):
-        decode_attention(**case, sm_scale=0.1, pv_int8=True)
 
 
 def test_round_query_int8_reference():
@@ -200,17 +230,50 @@ def test_pages_larger_and_smaller_than_the_block(page, block_n):
     check(make_case([70, 5], 4, 2, 64, page=page, seed=page + block_n), block_n=block_n, splits=(1, 2))
 
 
-def test_pv_int8_experimental_error_bound():
-    """pv_int8 (experimental): p * scale_v rounded to int8 per block. Measured against
-    the fp32 reference (2k tokens, D=128, GQA 4): 2.5% relative with peaked attention
-    (q x 4), 14-43% with flat attention (q x 1.5: most p fall below half a step and
-    round to 0). Bound here: the peaked case within 5%, and P.V int8 must stay the
-    separate switch it is (the q.k-only variant is far more accurate)."""
-    case = make_case([2048], 8, 2, 128, seed=5)
-    case["q"] = (case["q"].float() * 4 / 1.5).half()
-    sm = ref.default_sm_scale(128)
-    exact = ref.decode_attention_ref(sm_scale=sm, **case)
-    out = decode_attention(sm_scale=sm, num_splits=2, block_n=128, pv_int8=True, **case)
-    assert errors(out, exact)[1] <= 5e-2
-    base = decode_attention(sm_scale=sm, num_splits=2, block_n=128, **case)
-    assert errors(base, exact)[1] <= MAX_REL
+# ---- the pieces around the split kernels: q' preparation and the split merge ----------
+@pytest.mark.parametrize("d, hq, rotation, cap", [(128, 32, "hadamard", 0.0), (64, 9, "hadamard", 0.0),
+                                                  (256, 16, "none", 0.0), (64, 4, "none", 30.0)])
+def test_prepare_query_planes_and_sums(d, hq, rotation, cap):
+    """q' = (q . H) * sm_scale (* log2 e without a soft-cap) as fp16: the low plane, the high
+    plane / 16 (exact), sum(q') and 1024 sum of the stored planes (what the kernel's biased
+    K codes need, so it must match the stored fp16 values exactly)."""
+    from saw_sglang.kernels.decode import prepare_query
+    from saw_sglang.kernels.format import Int4KVFormat
+    fmt = Int4KVFormat(d, rotation=rotation)
+    q = torch.randn(3, hq, d, generator=torch.Generator().manual_seed(d + hq)).to(torch.bfloat16)
+    qp = torch.full((3, hq, d), float("nan"), dtype=torch.float16)
+    qs = torch.full((3, hq, 2), float("nan"))
+    prepare_query(q, fmt, 0.1, cap, qp, qs)
+    x = ref.rotate(q.float(), fmt.block_size) if fmt.k_rotated else q.float()
+    x = x * (0.1 if cap else 0.1 * 1.4426950408889634)
+    lo, hi16 = qp[..., : d // 2].float(), qp[..., d // 2 :].float()
+    assert (lo - x[..., : d // 2]).abs().max() <= 2e-3 * x.abs().max()
+    assert (hi16 * 16 - x[..., d // 2 :]).abs().max() <= 2e-3 * x.abs().max()
+    assert torch.allclose(qs[..., 0], lo.sum(-1) + (hi16 * 16).sum(-1), rtol=1e-5, atol=1e-4)
+    assert torch.allclose(qs[..., 1], 1024 * (lo.sum(-1) + hi16.sum(-1)), rtol=1e-5, atol=1e-2)
+
+
+@pytest.mark.parametrize("d, rot_v", [(64, False), (128, True), (128, False)])
+def test_merge_splits_by_log_sum_exp(d, rot_v):
+    """Active splits (from kv_lens and the split policy) merged by their base-2 lse; empty
+    requests give 0; with V rotated the result goes back to the original basis."""
+    import math
+    from saw_sglang.kernels.decode import DecodeWorkspace, merge_splits
+    from saw_sglang.kernels.format import Int4KVFormat
+    g = torch.Generator().manual_seed(d)
+    bsz, hq, S = 3, 4, 40
+    ws = DecodeWorkspace(torch.randn(bsz, hq, S, d, generator=g), torch.randn(bsz, hq, S, generator=g) * 3,
+                         None, None)
+    lens = torch.tensor([0, 64 * 4 * 5 + 3, 64 * 4 * 40], dtype=torch.int32)
+    fmt = Int4KVFormat(d, rotate_v=rot_v)
+    out = torch.full((bsz, hq, d), float("nan"))
+    merge_splits(out, ws, lens, fmt, S, block_n=64, min_blocks=4)
+    for b in range(bsz):
+        L = int(lens[b])
+        split = max(-(-(-(-L // S)) // 64), 4) * 64
+        n = -(-L // split)
+        want = torch.zeros(hq, d) if n == 0 else (
+            torch.softmax(ws.mid_lse[b, :, :n] * math.log(2), -1)[..., None] * ws.mid_o[b, :, :n]).sum(1)
+        if rot_v:
+            want = ref.rotate(want, fmt.block_size)
+        assert torch.allclose(out[b], want, atol=1e-5), (b, n)

@@ -59,10 +59,14 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 
 def test_cli_rejects_bad_modes_with_the_fix(tmp_path, capsys):
-    assert main(["--modes", "int4:v", "--out", str(tmp_path)]) == 2
-    assert "now spelled 'rotate-v'" in capsys.readouterr().err
-    assert main(["--texts", "poetry", "--out", str(tmp_path)]) == 2
-    assert "choose from prose, code, docs, qa, dialogue" in capsys.readouterr().err
+    import pytest
+
+    _tiny_model_dir(tmp_path / "m")
+    for argv, why in ((["--modes", "int4:v"], "now spelled 'rotate-v'"),
+                      (["--texts", "poetry"], "choose from prose, code, docs, qa, dialogue")):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
+        assert e.value.code == 2 and why in capsys.readouterr().err
 
 
 class _Tok:

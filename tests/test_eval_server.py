@@ -148,14 +148,14 @@ def test_simulation_kept_when_the_server_phase_fails(tmp_path):
     import requests
     import torch
 
-    from saw_sglang.bench.server import free_port
+    from saw_sglang.bench.server import reserve_port
     from saw_sglang.eval.__main__ import main
     from test_eval_cli import _tiny_model_dir
 
     words = _tiny_model_dir(tmp_path / "m")
     g = torch.Generator().manual_seed(3)
     (tmp_path / "t.txt").write_text(" ".join(words[i] for i in torch.randint(0, len(words), (200,), generator=g).tolist()))
-    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    dead = f"http://127.0.0.1:{reserve_port()}"  # nothing listens there
     with pytest.raises(requests.ConnectionError):
         main(["--model", str(tmp_path / "m"), "--text", str(tmp_path / "t.txt"), "--tokens", "40",
               "--ctx", "20", "--modes", "bf16,int4", "--server", f"int4={dead}", "--out", str(tmp_path / "o")])

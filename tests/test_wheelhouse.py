@@ -93,6 +93,45 @@ def test_unmet_requirements_reports_declared_but_missing(tmp_path):
     assert unmet == {"epsilon": ["alpha"]}
 
 
+# ---------------------------------------------------------------- a new user's python3
+def _fresh_python(folder, with_pip):
+    """A bare virtualenv of the interpreter this suite runs on: only the standard library
+    (and pip, setuptools as its ensurepip ships them)."""
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", *([] if with_pip else ["--without-pip"]), str(folder)],
+                   check=True, timeout=300)
+    return str(pathlib.Path(folder) / "bin" / "python")
+
+
+@pytest.mark.parametrize("with_pip,fragments", [
+    (False, ["has no pip", "-m ensurepip --upgrade"]),
+    (True, ["the bundle build needs packaging, tqdm", "-m pip install packaging tqdm`"]),
+])
+def test_fresh_python_is_told_what_to_install(tmp_path, with_pip, fragments):
+    py = _fresh_python(tmp_path / "venv", with_pip)
+    out = subprocess.run([py, "-m", "saw_sglang.tools.wheelhouse", "--out", str(tmp_path / "wh")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(err) == 1, out.stderr
+    assert err[0].startswith("python -m saw_sglang.tools.wheelhouse: error: ")
+    for f in fragments:
+        assert f"{py} {f}" in err[0] if f.startswith("-m") else f in err[0]
+    assert not (tmp_path / "wh").exists()  # refused before doing anything
+    help_ = subprocess.run([py, "-m", "saw_sglang.tools.wheelhouse", "--help"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert help_.returncode == 0 and "--only-self" in help_.stdout
+
+
+@pytest.mark.parametrize("setuptools,wheel,isolated", [
+    ((70, 1), (), False), ((80, 9), (), False), ((65, 5), (0, 45), False),
+    ((65, 5), (), True), ((59, 6), (0, 37), True), ((), (), True),
+])
+def test_our_wheel_builds_in_isolation_unless_setuptools_can(monkeypatch, setuptools, wheel, isolated):
+    versions = {"setuptools": setuptools, "wheel": wheel}
+    monkeypatch.setattr(W, "_version", lambda dist: versions[dist])
+    assert W.build_isolation_args() == ([] if isolated else ["--no-build-isolation"])
+
+
 # ---------------------------------------------------------------- parts
 @pytest.mark.parametrize("balanced", [True, False])
 @pytest.mark.parametrize("size,part_mib", [(2_500_000, 1.0), (1 << 20, 1.0), (1000, 0.5),

@@ -29,7 +29,8 @@ from typing import Dict, List, Optional
 
 from saw_sglang.bench import profile as prof
 from saw_sglang.bench.capture import ProfileCapture
-from saw_sglang.bench.server import ManagedServer, ServerStartError, free_port, kill_group, kv_capacity
+from saw_sglang.bench.server import ManagedServer, ServerStartError, kill_group, kv_capacity, reserve_port
+from saw_sglang.cli import Parser
 from saw_sglang.kv_modes import GRAMMAR
 from saw_sglang.kv_modes import parse as parse_mode
 
@@ -122,7 +123,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m saw_sglang.bench serve",
         description=__doc__.split("\n\n")[0] + " Throughput, TTFT and ITL per KV mode and concurrency.",
         epilog=textwrap.fill("Scenarios: NAME:IN:OUT:C1,C2,...[:K] runs num_prompts = max(--min-prompts, K x C) "
@@ -298,7 +299,7 @@ def run_sweep(args, progress=None) -> Sweep:
     modes = list(dict.fromkeys(m for m, _, _ in todo))
     for mode in modes:
         points = [(sc, c) for m, sc, c in todo if m == mode]
-        port = args.port or free_port(args.host)
+        port = args.port or reserve_port(args.host)
         # Profiles that name no output_dir land here too.
         env = dict(os.environ, SGLANG_TORCH_PROFILER_DIR=os.path.abspath(
             os.path.join(args.out, "profile"))) if args.profile else None
@@ -320,7 +321,10 @@ def run_sweep(args, progress=None) -> Sweep:
         except (ServerStartError, RuntimeError, OSError) as e:
             # Record the failure for this mode's remaining points; go on with the next mode.
             info["error"] = str(e).splitlines()[0]
-            why = "server failed to start" if isinstance(e, ServerStartError) else info["error"]
+            why = info["error"]
+            if isinstance(e, ServerStartError):
+                why = f"server failed to start (log {srv.log_path})"
+                print(f"\n{mode}: {e}", file=sys.stderr, flush=True)  # the log's path and tail
             for sc, c in points[len([p for p in sweep.points if p.mode == mode]):]:
                 pt = Point(mode, sc.name, sc.input_len, sc.output_len, c,
                            sc.num_prompts(c, args.min_prompts), error=why)
@@ -438,8 +442,8 @@ def plot(points: List[Point], path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    scen = list(dict.fromkeys(p.scenario for p in points))
-    if not scen:
+    scen = list(dict.fromkeys(p.scenario for p in points if p.output_tok_s))
+    if not scen:  # nothing measured: no empty plot
         return None
     fig, axes = plt.subplots(1, len(scen), figsize=(5.5 * len(scen), 4), squeeze=False)
     for ax, s in zip(axes[0], scen):

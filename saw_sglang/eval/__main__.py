@@ -13,6 +13,7 @@ servers over the same token windows."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from saw_sglang.cli import Parser, fail
 from saw_sglang.config import K_CALIBRATION_SERVED
+from saw_sglang.kernels.calibration import KCalibration
 from saw_sglang.kv_modes import GRAMMAR, parse, parse_list
 
 from . import models, report, text
@@ -29,11 +32,11 @@ from .modes import build, default_specs
 from .stats import BF16, NAIVE, gap_table, recommend
 
 CALIBRATION_FILE = "k-calibration.pt"
+PROG = "python -m saw_sglang.eval"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m saw_sglang.eval", description=__doc__, epilog=GRAMMAR,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__, epilog=GRAMMAR, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=models.DEFAULT_MODEL,
                    help="preset (smollm2-135m, gemma3-270m), a .gguf file, or any HF causal LM folder / hub name "
                         "(the tokenizer for --server too)")
@@ -113,29 +116,57 @@ def _texts(args) -> list:
     return text.bundled([n.strip() for n in args.texts.split(",") if n.strip()])
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def check_args(p: argparse.ArgumentParser, args) -> list:
+    """What needs no model: numbers, the text files, the mode specs. -> ModeSpecs or None."""
+    for flag, value, least in (("--tokens", args.tokens, 1), ("--ctx", args.ctx, 2),
+                               ("--server-step", args.server_step, 0),
+                               ("--server-concurrency", args.server_concurrency, 1)):
+        if value < least:
+            p.error(f"{flag} {value}: must be at least {least}")
+    for path in args.text:
+        if not os.path.isfile(path):
+            p.error(f"--text {path}: no such file")
+    if args.calibration and not os.path.isfile(args.calibration):
+        p.error(f"--calibration {args.calibration}: no such file")
     try:
-        specs = parse_list(args.modes) if args.modes else None
-        texts = _texts(args)
+        return parse_list(args.modes) if args.modes else None
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        p.error(str(e).splitlines()[0])
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    specs = check_args(p, args)
     dtype = getattr(torch, args.dtype)
     t0 = time.time()
+    # Config, modes, tokenizer and texts first: a bad request ends before the weights load.
+    try:
+        config = models.load_config(args.model)
+        nl, kvh, hd = models.kv_shape(config)
+        hq = config.get_text_config().num_attention_heads
+        if specs is None:
+            specs = [parse(s) for s in default_specs(hd, args.quick)]
+        # the two ends of the gap first, whether asked for or not
+        specs = [parse(BF16), parse(NAIVE)] + [s for s in specs if s.text not in (BF16, NAIVE)]
+        for s in specs:  # formats against this head_dim (a stand-in calibration)
+            build(s, hd, lambda src: KCalibration.identity(nl, kvh, hd))
+        tok = models.load_tokenizer(args.model)
+        texts = _texts(args)
+    except (ImportError, OSError, ValueError) as e:
+        fail(PROG, e)
+    wins = {t.name: text.windows(tok, t.body, args.ctx, args.tokens) for t in texts}
+    for t in texts:
+        scored = sum(len(w) - 1 for w in wins[t.name])
+        if scored < args.tokens and (args.text or args.dataset):
+            fail(PROG, f"--tokens {args.tokens}: {t.source} gives only {scored} scored tokens at --ctx "
+                       f"{args.ctx}; ask for --tokens {scored} or fewer, or give a longer --text / --dataset")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     from .hook import register
 
     print(f"loading {args.model} ...", file=sys.stderr)
-    model, tok = models.load(args.model, args.device, dtype, register())
-    nl, kvh, hd = models.kv_shape(model)
-    hq = model.config.get_text_config().num_attention_heads
-    if specs is None:
-        specs = [parse(s) for s in default_specs(hd, args.quick)]
-    # the two ends of the gap first, whether asked for or not
-    specs = [parse(BF16), parse(NAIVE)] + [s for s in specs if s.text not in (BF16, NAIVE)]
-    wins = {t.name: text.windows(tok, t.body, args.ctx, args.tokens) for t in texts}
+    model = models.load_model(args.model, args.device, dtype, register())
     from .calibrate import calibrate, context_of
 
     # with servers, windows start at position 0 as their requests do
@@ -145,8 +176,6 @@ def main(argv=None) -> int:
 
     def calibrations(source):
         if source not in cache:
-            from saw_sglang.kernels.calibration import KCalibration
-
             if source == "auto" and not args.calibration:
                 with tqdm(desc="calibrating K (calibration text)", unit="window") as bar:
                     cal = calibrate(model, tok, nl, hq, kvh, context=context or None, device=args.device,
@@ -155,16 +184,12 @@ def main(argv=None) -> int:
             else:
                 cal = KCalibration.load(cal_path if source == "auto" else source)
             if cal.shape != (nl, kvh, hd):
-                raise SystemExit(f"calibration {source} is for shape {cal.shape}, the model has "
-                                 f"{(nl, kvh, hd)}: make one for this model (python -m saw_sglang.calibrate)")
+                fail(PROG, f"calibration {source} is for shape {cal.shape}, the model has {(nl, kvh, hd)}: "
+                           "make one for this model (python -m saw_sglang.calibrate)")
             cache[source] = cal
         return cache[source]
 
-    try:
-        modes = [build(s, hd, calibrations) for s in specs]
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    modes = [build(s, hd, calibrations) for s in specs]
     print(f"{args.model}: {nl} layers, {kvh} KV heads, head_dim {hd}; texts "
           + ", ".join(f"{n} ({len(w)} windows)" for n, w in wins.items())
           + f" of <= {args.ctx} tokens at positions over [0, {context}); load {time.time() - t0:.0f}s",

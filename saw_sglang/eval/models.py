@@ -55,27 +55,44 @@ def resolve(name: str) -> tuple[str, str | None]:
     return name, None
 
 
-def load(name: str, device: str, dtype: torch.dtype, attn_implementation: str):
-    """-> (model in eval mode, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _source(name: str) -> tuple[str, dict]:
     path, gguf = resolve(name)
-    kw = {"gguf_file": gguf} if gguf else {}
+    return path, ({"gguf_file": gguf} if gguf else {})
+
+
+def load_config(name: str):
+    """The model's config alone (no weights): enough for the KV shape."""
+    from transformers import AutoConfig
+
+    path, kw = _source(name)
+    return AutoConfig.from_pretrained(path, **kw)
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    path, kw = _source(name)
     if name == "gemma3-270m":
         from .gguf_tokenizer import spm_bpe_tokenizer
 
-        tok = spm_bpe_tokenizer(str(Path(path) / gguf))  # the stock GGUF conversion mis-segments
-    else:
-        tok = AutoTokenizer.from_pretrained(path, **kw)
+        return spm_bpe_tokenizer(str(Path(path) / kw["gguf_file"]))  # the stock GGUF conversion mis-segments
+    return AutoTokenizer.from_pretrained(path, **kw)
+
+
+def load_model(name: str, device: str, dtype: torch.dtype, attn_implementation: str):
+    """The model in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    path, kw = _source(name)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, **kw
     )
-    return model.to(device).eval(), tok
+    return model.to(device).eval()
 
 
-def kv_shape(model) -> tuple[int, int, int]:
+def kv_shape(config) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) of a decoder config."""
-    cfg = model.config.get_text_config()
+    cfg = config.get_text_config()
     heads = cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads

@@ -100,7 +100,10 @@ def build(spec: ModeSpec | str, head_dim: int, calibrations=None) -> KVMode:
     if spec.kind != "int4":
         return KVMode(spec)
     cfg = spec.config
-    fmt = cfg.fmt(head_dim)
+    try:
+        fmt = cfg.fmt(head_dim)
+    except ValueError as e:
+        raise ValueError(f"mode {spec.text!r}: {e}") from None
     cal = None
     if cfg.saw_calibration:
         if calibrations is None:

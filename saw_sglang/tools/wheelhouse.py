@@ -9,6 +9,11 @@ Python and platform, slims the large ones, packs them into one tar (xz when that
 saves over 10%), splits it into parts of at most --part-mib MiB, and writes
 manifest.json, SHA256SUMS and install.sh beside the parts. Our own wheel is a
 separate small file, so that it can be rebuilt alone (--only-self).
+
+Needs a python3 with pip, and `packaging` and `tqdm` (checked first, with the command
+that installs them); runs from a checkout without installing anything else. Our wheel
+is built with the interpreter's own setuptools when it can build wheels (70.1 or
+later, or `wheel` installed), otherwise in pip's isolated build environment.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import email.parser
+import importlib.metadata
+import importlib.util
 import json
 import pathlib
 import re
@@ -24,10 +31,11 @@ import subprocess
 import sys
 import zipfile
 
-from packaging.markers import default_environment
-from packaging.requirements import Requirement
-
+from saw_sglang.cli import Parser, fail
 from saw_sglang.tools import bundle as B
+
+PROG = "python -m saw_sglang.tools.wheelhouse"
+NEEDS = ("packaging", "tqdm")  # imported where used: --help, --dry-run, --only-self go without
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -120,9 +128,43 @@ def find_wheel(dest: pathlib.Path, r: Req) -> pathlib.Path:
     return hits[0]
 
 
+def missing_needs(bundle: bool) -> str | None:
+    """What this interpreter lacks (pip; for a bundle also NEEDS), as the one line that
+    says how to fix it."""
+    python = sys.executable or "python3"
+    if importlib.util.find_spec("pip") is None:
+        return (f"{python} has no pip: run `{python} -m ensurepip --upgrade` (or install "
+                "your system's python3-pip package)")
+    missing = [m for m in NEEDS if importlib.util.find_spec(m) is None] if bundle else []
+    if missing:
+        return (f"the bundle build needs {', '.join(missing)}: run "
+                f"`{python} -m pip install {' '.join(missing)}`")
+    return None
+
+
+def _version(dist: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in re.findall(r"\d+", importlib.metadata.version(dist))[:2])
+    except importlib.metadata.PackageNotFoundError:
+        return ()
+
+
+def build_isolation_args() -> list[str]:
+    """Build with this interpreter's setuptools when it can make wheels (bdist_wheel is
+    in setuptools since 70.1, in `wheel` before); otherwise pip's isolated build, which
+    fetches setuptools from the index this tool downloads from anyway."""
+    st = _version("setuptools")
+    if st >= (70, 1) or (st >= (64,) and _version("wheel")):
+        return ["--no-build-isolation"]
+    return []
+
+
 def unmet_requirements(wheels: list[pathlib.Path], host: dict, python: str) -> dict[str, list[str]]:
     """Declared (non-extra) requirements that neither the bundle nor the host provides.
     Informational: SGLang declares many that its server path never imports."""
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+
     env = default_environment()
     env.update(python_version=python, python_full_version=python + ".0", sys_platform="linux",
                platform_system="Linux", platform_machine="x86_64", extra="")
@@ -146,7 +188,7 @@ def build_self(out_dir: pathlib.Path) -> pathlib.Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("saw_sglang-*.whl"):
         old.unlink()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *build_isolation_args(),
                     "-q", "-w", str(out_dir), str(ROOT)], check=True)
     (wheel,) = out_dir.glob("saw_sglang-*.whl")
     return wheel
@@ -236,9 +278,7 @@ def carry_layout(parts_dir: pathlib.Path, carry: pathlib.Path, files: list[pathl
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m saw_sglang.tools.wheelhouse",
-                                 description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=pathlib.Path, default=ROOT / "wheelhouse",
                     help="work folder (download/, wheels/, parts/); default ./wheelhouse")
     ap.add_argument("--host", type=pathlib.Path, default=DEFAULT_HOST,
@@ -260,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also lay out carry folders here: part1/, part2/, ..., self/")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     args = ap.parse_args(argv)
+    missing = missing_needs(bundle=not (args.only_self or args.dry_run))
+    if missing:
+        fail(PROG, missing)
     platforms = args.platforms or DEFAULT_PLATFORMS
     parts_dir = args.out / "parts"
 

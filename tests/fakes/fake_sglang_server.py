@@ -3,7 +3,10 @@
 Answers /health, /get_server_info, /v1/loads, /generate (plain and streamed),
 /abort_request, /flush_cache, /start_profile and /stop_profile on --host/--port.
 Outputs are a deterministic function of the input ids. Behaviour knobs come from
-the environment: FAKE_MODE=exit|never_healthy, FAKE_STARTUP_S, FAKE_PIDFILE (append
+the environment: FAKE_MODE=exit (exits with code 3, after FAKE_STARTUP_S) |
+never_healthy (/health answers 503) | bind_failed (logs uvicorn's "address already in
+use" line and stays up without listening, as an SGLang server whose HTTP bind failed
+while its scheduler lives on) | hang (never listens, never logs), FAKE_STARTUP_S, FAKE_PIDFILE (append
 own and a child's pid), FAKE_IGNORE_SIGTERM=1, FAKE_LEAK_ON_DISCONNECT=1, FAKE_TOKEN_S,
 FAKE_CONTEXT_LEN. Profiling, like SGLang's scheduler: /start_profile with num_steps
 writes a synthetic trace of num_steps steps (tests/fakes/synthetic_trace.py) after
@@ -233,9 +236,18 @@ def main():
             f.write(f"{os.getpid()}\n{child.pid}\n")
     if os.environ.get("FAKE_IGNORE_SIGTERM") == "1":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(f"fake server: loading model, kv={ARGS.kv_cache_dtype}", flush=True)
     if MODE == "exit":
+        time.sleep(float(os.environ.get("FAKE_STARTUP_S", "0")))
         print("fake server: failing on purpose", flush=True)
         sys.exit(3)
+    if MODE == "bind_failed":
+        time.sleep(float(os.environ.get("FAKE_STARTUP_S", "0")))
+        print(f"ERROR:    [Errno 98] error while attempting to bind on address "
+              f"('{ARGS.host}', {ARGS.port}): address already in use", flush=True)
+    if MODE in ("bind_failed", "hang"):
+        while True:
+            time.sleep(60)
     srv = ThreadingHTTPServer((ARGS.host, ARGS.port), Handler)
     srv.daemon_threads = True
     print(f"fake server on {ARGS.host}:{ARGS.port} kv={ARGS.kv_cache_dtype}", flush=True)

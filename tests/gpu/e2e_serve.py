@@ -29,15 +29,14 @@ import argparse
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from saw_sglang.bench.server import ManagedServer
 
 PROMPTS = [
     "The capital of France is", "Write a haiku about the sea.", "What is 12 times 7?",
@@ -89,45 +88,34 @@ def get(url, timeout=30):
 
 
 class Server:
+    """One server as a context manager: started, health-waited (ManagedServer: a dead
+    process or a fatal log line ends the wait at once, with the log), one generation
+    answered, and stopped with its process group."""
+
     def __init__(self, name, cmd, out: Path, port: int, timeout: float):
         self.name, self.cmd, self.port, self.timeout = name, cmd, port, timeout
         self.url = f"http://127.0.0.1:{port}"
         self.log = out / f"{name}.log"
-        self.proc = None
+        self.srv = None
 
     def __enter__(self):
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        self.log_f = open(self.log, "w")
         print(f"[{self.name}] {' '.join(self.cmd)}", flush=True)
-        self.proc = subprocess.Popen(self.cmd + ["--port", str(self.port)], env=env,
-                                     stdout=self.log_f, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        t0 = time.time()
-        while time.time() - t0 < self.timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}); see {self.log}")
-            try:
-                urllib.request.urlopen(self.url + "/health_generate", timeout=30)
-                self.startup_s = time.time() - t0
-                print(f"[{self.name}] up in {self.startup_s:.0f} s", flush=True)
-                return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                time.sleep(2)
-        raise TimeoutError(f"{self.name} not healthy after {self.timeout} s; see {self.log}")
+        self.srv = ManagedServer(self.cmd + ["--port", str(self.port)], "127.0.0.1", self.port,
+                                 str(self.log), env=env, start_timeout_s=self.timeout, name=self.name)
+        self.srv.start()
+        try:
+            self.startup_s = self.srv.wait_healthy(poll_s=2.0)
+            urllib.request.urlopen(self.url + "/health_generate", timeout=60)
+        except BaseException:
+            self.srv.stop()
+            raise
+        print(f"[{self.name}] up in {self.startup_s:.0f} s", flush=True)
+        return self
 
     def __exit__(self, *exc):
-        if self.proc is not None and self.proc.poll() is None:
-            for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-                try:
-                    os.killpg(self.proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.proc.wait(wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        self.log_f.close()
+        if self.srv is not None:
+            self.srv.stop()
 
     def generate(self, texts, max_new=32):
         r = post(self.url + "/generate", {

@@ -15,10 +15,9 @@ import argparse
 import shlex
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from saw_sglang.bench.server import ManagedServer, free_port
+from saw_sglang.bench.server import ManagedServer, reserve_port, wait_all_healthy
 from saw_sglang.kv_modes import parse
 
 STOCK = "{python} -m sglang.launch_server"
@@ -45,7 +44,7 @@ def main(argv=None) -> int:
     py = shlex.quote(sys.executable)
     servers = {}
     for label in a.modes.split(","):
-        port = free_port()
+        port = reserve_port()
         spec = parse(label)
         launcher = (STOCK if spec.stock else OURS).replace("{python}", py)
         cmd = shlex.split(launcher) + spec.server_args() + [
@@ -56,8 +55,7 @@ def main(argv=None) -> int:
     try:
         for srv in servers.values():
             srv.start()
-        with ThreadPoolExecutor(len(servers)) as pool:
-            waits = dict(zip(servers, pool.map(lambda s: s.wait_healthy(), servers.values())))
+        waits = wait_all_healthy(servers)  # the first failure stops them all, with its log
         print("servers up: " + ", ".join(f"{k} {v:.0f} s" for k, v in waits.items()), flush=True)
         cmd = [sys.executable, "-m", "saw_sglang.eval", "--model", a.model, "--device", "cuda",
                "--tokens", str(a.tokens), "--ctx", str(a.ctx), "--server-step", str(a.server_step),

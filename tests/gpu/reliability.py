@@ -41,10 +41,10 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 try:
-    from saw_sglang.bench.server import ManagedServer, ServerStartError, free_port, http_json
+    from saw_sglang.bench.server import ManagedServer, ServerStartError, http_json, reserve_port
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from saw_sglang.bench.server import ManagedServer, ServerStartError, free_port, http_json
+    from saw_sglang.bench.server import ManagedServer, ServerStartError, http_json, reserve_port
 
 # ---------------------------------------------------------------- traffic
 
@@ -461,7 +461,7 @@ def server_cmd(args, launcher: str, kv_args: str, model: str, port: int) -> List
 def start(args, name: str, launcher: str, kv_args: str, model: str) -> ManagedServer:
     """A server to use as a context manager: `with start(...) as srv:` starts it,
     waits for /health and stops its process group on the way out."""
-    port = free_port()
+    port = reserve_port()
     srv = ManagedServer(server_cmd(args, launcher, kv_args, model, port), "127.0.0.1", port,
                         str(Path(args.log_dir) / f"server-{name}.log"), start_timeout_s=args.start_timeout)
     print(f"[{name}] starting: {' '.join(srv.cmd)}", flush=True)

@@ -110,8 +110,13 @@ def test_decode_matches_flashinfer_bf16(server_args, parallel, name, page_size):
     torch.testing.assert_close(static_out.float(), eager.float(), atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("through_pool", [True, False])
 @pytest.mark.parametrize("name,page_size", [("flashinfer", 1), ("flashinfer", 16), ("triton", 1)])
-def test_extend_matches_flashinfer_bf16(server_args, parallel, name, page_size):
+def test_extend_matches_flashinfer_bf16(server_args, parallel, name, page_size, through_pool, monkeypatch):
+    """Small batches attend prefix and chunk through the pool (the chunk read back after
+    its write); with the bound at 0 the chunk attends its fresh k/v beside the INT4 prefix."""
+    from saw_sglang.patches import int4_attention as ia
+    monkeypatch.setattr(ia, "DEQUANT_MAX_TOKENS", 1 << 16 if through_pool else 0)
     gen = torch.Generator().manual_seed(2)
     hq, hkv, d = 32, 8, 128
     fmt = Int4KVFormat(d)
@@ -124,14 +129,18 @@ def test_extend_matches_flashinfer_bf16(server_args, parallel, name, page_size):
                 extend_prefix_lens=torch.tensor(prefix_lens, device=DEV),
                 extend_prefix_lens_cpu=list(prefix_lens),
                 extend_seq_lens=torch.tensor(new_lens, device=DEV), extend_seq_lens_cpu=list(new_lens),
-                out_cache_loc=out_loc)
+                extend_num_tokens=sum(new_lens), out_cache_loc=out_loc)
     runner = _runner(pool, r2t, hq, hkv, d, page_size, r2t.shape[1], server_args)
     runner.device, runner.dtype = DEV, torch.bfloat16
     b = _backend(name, runner)
     b.init_forward_metadata(fb)
     out = b.forward_extend(q, k, v, layer, fb)
+    if through_pool:  # the chunk as later readers see it: dequantised from the pool
+        chunk = torch.cat([r2t[i + 1, p:p + n].long() for i, (p, n) in enumerate(zip(prefix_lens, new_lens))])
+        kc, vc = pool.dequant(0, chunk)
+        k, v = kc.bfloat16().reshape(k.shape), vc.bfloat16().reshape(v.shape)
     # expected: stock FlashInfer BF16, causal (bottom-right aligned) over
-    # [dequantised prefix ; fresh chunk] per request
+    # [dequantised prefix ; chunk] per request
     ks, vs, kvo = [], [], [0]
     qo = [0]
     for i, (p, n) in enumerate(zip(prefix_lens, new_lens)):

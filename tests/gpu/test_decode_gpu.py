@@ -17,6 +17,7 @@ MAX_ABS, MAX_REL = 2e-2, 5e-3
 
 
 def run_check(case, splits=(None, 1, 7), logit_cap=0.0, **kw):
+    """Every split count against the fp32 reference (decode_impl's choice by default)."""
     sm = ref.default_sm_scale(case["q"].shape[-1])
     expect = ref.decode_attention_ref(sm_scale=sm, logit_cap=logit_cap, **case)
     for s in splits:
@@ -57,10 +58,61 @@ def test_logit_cap_and_tuning_knobs():
     case = make_case(ragged(8, 5000, 3), 32, 8, 128, dtype=torch.bfloat16, device="cuda", seed=3)
     run_check(case, logit_cap=30.0)
     for bn, nw, ns in [(32, 4, 2), (128, 8, 4), (64, 8, 3)]:
-        run_check(case, splits=(4,), block_n=bn, num_warps=nw, num_stages=ns)
+        run_check(case, splits=(4,), block_n=bn, num_warps=nw, num_stages=ns, impl="triton")
     for bh in (4, 8, 16):  # query rows padded to 4 / 8 / 16
-        run_check(case, splits=(1, 4), block_h=bh)
-        run_check(case, splits=(4,), logit_cap=30.0, block_h=bh)
+        run_check(case, splits=(1, 4), block_h=bh, impl="triton")
+        run_check(case, splits=(4,), logit_cap=30.0, block_h=bh, impl="triton")
+
+
+# ---- the tensor-core kernel (decode_mma) at every head layout of the benchmark matrix --
+@pytest.mark.parametrize("hq, hkv, d", [(32, 8, 128), (64, 8, 128), (32, 32, 128), (9, 3, 64), (16, 8, 256),
+                                        (32, 2, 128), (16, 1, 64)])
+@pytest.mark.parametrize("page", [1, 16])
+@pytest.mark.parametrize("rot", ["none", "k", "kv"])
+def test_mma_kernel_head_layouts(hq, hkv, d, page, rot):
+    case = make_case(ragged(6, 3000, hq + d + page), hq, hkv, d, page=page,
+                     rotation="none" if rot == "none" else "hadamard", rotate_v=rot == "kv",
+                     dtype=torch.bfloat16, device="cuda", seed=hq + hkv + d)
+    run_check(case, splits=(None, 1, 5), impl="mma")
+
+
+@pytest.mark.parametrize("knobs", [dict(block_n=64), dict(block_n=16, stages=4), dict(heads=1), dict(heads=8),
+                                   dict(stages=2, waves=1), dict(min_blocks=1)])
+def test_mma_kernel_tuning_knobs_and_cap(knobs):
+    case = make_case(ragged(8, 5000, 3) + [1, 65], 32, 8, 128, dtype=torch.bfloat16, device="cuda", seed=4)
+    run_check(case, splits=(None, 1, 9), impl="mma", **knobs)
+    run_check(case, splits=(None, 4), impl="mma", logit_cap=30.0, **knobs)
+
+
+def test_mma_kernel_long_single_request_and_repeated_slots():
+    case = make_case([40000], 32, 8, 128, dtype=torch.bfloat16, device="cuda", seed=8)
+    run_check(case, splits=(None, 1, 64, 256), impl="mma")
+    case = make_case([3000, 700, 0], 32, 8, 128, page=16, repeat=True, dtype=torch.bfloat16, device="cuda", seed=9)
+    run_check(case, impl="mma")
+
+
+def test_one_compiled_variant_per_layout():
+    """After kernels.warmup.warm_up, decode of any batch size, length, split count and
+    write/dequantise of any token count compile nothing more (the per-call integers are
+    not specialised on)."""
+    from saw_sglang.kernels import quantize
+    from saw_sglang.kernels.warmup import compiled_variants, warm_up
+    case = make_case([5], 32, 8, 128, dtype=torch.bfloat16, device="cuda", seed=10)
+    kd, ks, vd, vs, fmt = case["k_data"], case["k_scales"], case["v_data"], case["v_scales"], case["fmt"]
+    warm_up(fmt, 32, 8, kd, ks, vd, vs, page_size=1, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    before = compiled_variants()
+    for lens in ([1], [3, 17], [1000] * 16, [70] * 33, [4097, 1, 0]):
+        c = make_case(lens, 32, 8, 128, dtype=torch.bfloat16, device="cuda", seed=len(lens))
+        for s in (None, 1, 3, 16, 17):
+            decode_attention(sm_scale=0.1, num_splits=s, **c)
+        t = sum(lens) or 1
+        x = torch.randn(t, 8, 128, device="cuda", dtype=torch.bfloat16)
+        loc = torch.arange(t, device="cuda") + 1
+        quantize.quantize_and_store(x, x, loc, c["k_data"], c["k_scales"], c["v_data"], c["v_scales"], c["fmt"])
+        quantize.dequantize(c["k_data"], c["k_scales"], loc, c["fmt"], True)
+    torch.cuda.synchronize()
+    assert compiled_variants() == before
 
 
 def test_cuda_graph_capture_and_replay_with_changing_inputs():

@@ -7,27 +7,29 @@
 #   install  reassemble + install the offline bundle from $PARTS into $SITE (skipped when
 #            already installed) and our package from this working tree into $SELF_SITE
 #   models   build the GPU-test models into $MODELS (skipped when present)
-#   pytest   pytest -m gpu -q tests/gpu
+#   pytest   pytest -m gpu -q tests/gpu (all but test_frontends_gpu.py, which is faces)
 #   bench    python -m saw_sglang.bench.kernels --out OUT_DIR/bench
 #   e2e      python tests/gpu/e2e_serve.py --model ... --dummy-model ... --out OUT_DIR/e2e
+#   faces    pytest tests/gpu/test_frontends_gpu.py: frontend programs, offline Engine and
+#            OpenAI client on SmolLM2 (INT4 and BF16 servers); OUT_DIR/faces/summary.json
 #   eval     python tests/gpu/eval_servers.py: eval --server through one server per KV mode
 #   reliability  python tests/gpu/reliability.py --duration $SOAK_S (default 900)
 #   serve    python -m saw_sglang.bench serve on the Qwen3-8B-shaped dummy model, $SERVE_ARGS
 #            (default --budget)
-# install..e2e run by default; eval, reliability and serve only when named in --only.
-# --together starts e2e, eval and reliability at once (their servers cap their pools and
+# install..faces run by default; eval, reliability and serve only when named in --only.
+# --together starts e2e, faces, eval and reliability at once (their servers cap their pools and
 # share the GPU: run 6 ran all three in 565 s); bench and serve wait for them.
 # A short summary table (also OUT_DIR/summary.txt) comes last. --pack tars OUT_DIR into
 # OUT_DIR/all.tar.gz (keeping summary.txt beside it), for transports that take few files.
 # Settings (environment): PARTS=/tmp/parts SITE=/tmp/site SELF_SITE=/tmp/site-self
 # MODELS=/tmp/models PYTHON=python3, timeouts in seconds T_INSTALL=420 T_MODELS=420
-# T_PYTEST=540 T_BENCH=540 T_E2E=540 T_EVAL=540 T_RELIABILITY=1500 T_SERVE=1500,
+# T_PYTEST=540 T_BENCH=540 T_E2E=540 T_FACES=420 T_EVAL=540 T_RELIABILITY=1500 T_SERVE=1500,
 # PYTEST_ARGS (extra pytest arguments), BENCH_ARGS (e.g. --quick), REL_ARGS (extra
 # reliability.py arguments, e.g. --mem-fraction-static 0.85 beside other GPU jobs).
 set -uo pipefail
-[ $# -ge 1 ] || { sed -n '2,29p' "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,28p' "$0"; exit 2; }
 OUT="$(mkdir -p "$1" && cd "$1" && pwd)"; shift
-ONLY="install,models,pytest,bench,e2e"; PACK=0; TOGETHER=0
+ONLY="install,models,pytest,bench,e2e,faces"; PACK=0; TOGETHER=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --only) ONLY="$2"; shift 2 ;;
@@ -99,7 +101,7 @@ step_models() {
 }
 
 step_pytest() {
-  "$PY" -m pytest -m gpu -q -rs tests/gpu ${PYTEST_ARGS:-}
+  "$PY" -m pytest -m gpu -q -rs tests/gpu --ignore=tests/gpu/test_frontends_gpu.py ${PYTEST_ARGS:-}
 }
 
 step_bench() {
@@ -117,6 +119,11 @@ step_e2e() {
     --dummy-model "$MODELS/qwen3-8b-shape" --out "$OUT/e2e"
 }
 
+step_faces() {
+  SAW_FACES_OUT="$OUT/faces" SAW_TEST_MODEL="$MODELS/smollm2-135m-instruct" \
+    "$PY" -m pytest -m gpu -q -rs -s tests/gpu/test_frontends_gpu.py
+}
+
 step_eval() {
   "$PY" tests/gpu/eval_servers.py --model "$MODELS/smollm2-135m-instruct" --out "$OUT/eval"
 }
@@ -131,11 +138,11 @@ step_serve() {
     --out "$OUT/serve" ${SERVE_ARGS:---budget}
 }
 
-export -f step_install step_models step_pytest step_bench step_e2e step_eval step_reliability step_serve
+export -f step_install step_models step_pytest step_bench step_e2e step_faces step_eval step_reliability step_serve
 export PY PARTS SITE SELF_SITE MODELS REPO OUT
 
 declare -A LIMIT=([install]=${T_INSTALL:-420} [models]=${T_MODELS:-420} [pytest]=${T_PYTEST:-540}
-                  [bench]=${T_BENCH:-540} [e2e]=${T_E2E:-540} [eval]=${T_EVAL:-540}
+                  [bench]=${T_BENCH:-540} [e2e]=${T_E2E:-540} [faces]=${T_FACES:-420} [eval]=${T_EVAL:-540}
                   [reliability]=${T_RELIABILITY:-1500} [serve]=${T_SERVE:-1500})
 failed=0
 pids=()
@@ -143,11 +150,11 @@ wait_together() {
   for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
   pids=()
 }
-for step in install models pytest bench e2e eval reliability serve; do
+for step in install models pytest bench e2e faces eval reliability serve; do
   case ",$ONLY," in *",$step,"*) ;; *) continue ;; esac
   if [ "$TOGETHER" = 1 ]; then
     case "$step" in
-      e2e|eval|reliability)
+      e2e|faces|eval|reliability)
         run_step "$step" "${LIMIT[$step]}" bash -c "step_$step" > "$OUT/logs/$step.out" 2>&1 &
         pids+=($!); continue ;;
       bench|serve) wait_together ;;  # timings want the GPU to themselves

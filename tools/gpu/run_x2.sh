@@ -4,7 +4,7 @@
 #
 #   tools/gpu/run_x2.sh start        install + models here (foreground), then
 #       GPU 0, correctness (shares the GPU): pytest -m gpu and, together with it, the
-#              server checks $GPU0_STEPS (default e2e,eval,reliability; SOAK_S, default
+#              server checks $GPU0_STEPS (default e2e,faces,eval,reliability; SOAK_S, default
 #              900 s), plus the prefix-groups fault diagnosis when DIAG=1;
 #       GPU 1, timing (has the GPU to itself): the kernel benchmark (--quick), this tree's
 #              tools/sass/ab_decode.py $AB_ARGS when AB_ARGS is set and no branch is
@@ -29,7 +29,7 @@ case "${1:-}" in
     "$REPO/tools/gpu/run_all.sh" "$RES/setup" --only install,models || exit $?
     bash "$BG_SH" snapshot "$SNAP"
     env_py="export PYTHONPATH=/tmp/site-self:/tmp/site PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0"
-    steps0="${GPU0_STEPS:-e2e,eval,reliability}" br="${BRANCH_TGZ:-/tmp/parts/branch.tgz}"
+    steps0="${GPU0_STEPS:-e2e,faces,eval,reliability}" br="${BRANCH_TGZ:-/tmp/parts/branch.tgz}"
     diag=":"
     [ "${DIAG:-0}" = 1 ] && diag="( $env_py; mkdir -p $RES/diag; timeout 900 python3 tools/gpu/diag_prefix_groups.py > $RES/diag/diag.txt 2>&1 )"
     bash "$BG_SH" start gpu0 0 "cd $SNAP && { \

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One device call: stash the carried bundle part(s), install, warm FlashInfer's JIT in the
+# background, run the GPU tests of the decode kernels and the backends, then the kernel
+# benchmark. Output under $OUT (logs + bench JSON/CSV/PNG).
+# usage: tools/gpu/session_check.sh [BENCH_ARGS...]
+set -o pipefail
+T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+tools/gpu/stash_part.sh .gpu-carry /tmp/parts > "$OUT/stash.log" 2>&1; el "stash rc=$?"
+if [ -d .gpu-carry/models ]; then mkdir -p /tmp/models && cp -r .gpu-carry/models/* /tmp/models/; fi
+tools/gpu/run_all.sh "$OUT/run" --only install > "$OUT/install.log" 2>&1 || { el "install failed"; tail -30 "$OUT/install.log"; exit 1; }
+el installed
+export PYTHONPATH=/tmp/site-self:/tmp/site PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+python3 - > "$OUT/fi_warm.log" 2>&1 <<'PY' &
+import time, torch, flashinfer
+t0 = time.time()
+ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+for dt in (torch.bfloat16, torch.float8_e4m3fn):
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
+    ip = torch.tensor([0, 4], dtype=torch.int32, device="cuda"); ent = torch.arange(4, dtype=torch.int32, device="cuda")
+    w.plan(ip, ent, torch.tensor([1], dtype=torch.int32, device="cuda"), 32, 8, 128, 1, data_type=dt, q_data_type=torch.bfloat16)
+    kv = torch.randn(8, 1, 8, 128, device="cuda").to(dt)
+    w.run(torch.randn(1, 32, 128, device="cuda", dtype=torch.bfloat16), (kv, kv)); torch.cuda.synchronize()
+    print("decode", dt, time.time() - t0, flush=True)
+r = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD")
+qo = torch.tensor([0, 16], dtype=torch.int32, device="cuda")
+r.plan(qo, qo * 2, 32, 8, 128, causal=True, q_data_type=torch.bfloat16)
+k = torch.randn(32, 8, 128, device="cuda", dtype=torch.bfloat16)
+r.run(torch.randn(16, 32, 128, device="cuda", dtype=torch.bfloat16), k, k); torch.cuda.synchronize()
+print("ragged", time.time() - t0, flush=True)
+PY
+WARM=$!
+timeout ${T_DECODE:-240} python3 -m pytest -m gpu -q --maxfail=3 -p no:cacheprovider tests/gpu/test_decode_gpu.py > "$OUT/pytest_decode.log" 2>&1
+el "pytest decode rc=$?"; tail -n 12 "$OUT/pytest_decode.log"
+wait $WARM; el "flashinfer warm"; cat "$OUT/fi_warm.log" | tail -3
+timeout ${T_BACKENDS:-150} python3 -m pytest -m gpu -q --maxfail=3 -p no:cacheprovider tests/gpu/test_backends_gpu.py > "$OUT/pytest_backends.log" 2>&1
+el "pytest backends rc=$?"; tail -n 12 "$OUT/pytest_backends.log"
+timeout ${T_BENCH:-200} python3 -m saw_sglang.bench.kernels --out "$OUT/bench" "$@" > "$OUT/bench.log" 2>&1
+el "bench rc=$?"; grep -v "it/s\]" "$OUT/bench.log" | tail -n 40
