@@ -100,7 +100,7 @@ REFUSALS = [
     (dict(attention_backend="triton", saw_group_size=4), "--saw-group-size 4 is too small"),
     (dict(attention_backend="triton", saw_rotation="random"), "rotation must be one of"),
     (dict(attention_backend="triton", saw_group_size=16), "groups of at least 32.*leave it unset"),
-    (dict(attention_backend="triton", saw_scale_fit="mse"), "scale fit must be one of"),
+    (dict(attention_backend="triton", saw_scale_fit="mse"), "--saw-scale-fit .mse.: must be one of minmax, lsq"),
     (dict(attention_backend="triton", saw_calibration="k.pt"), "do not read calibrated keys yet.*Drop --saw-calibration"),
 ]
 
