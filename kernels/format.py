@@ -28,6 +28,7 @@ import torch
 # max - min <= 2*CLAMP and scale = (max - min) / 15 stays finite in fp16 (max 65504).
 CLAMP = 30000.0
 ROTATIONS = ("hadamard", "none")
+SCALE_FITS = ("minmax", "lsq")
 
 
 def group_examples(head_dim: int, candidates) -> str:
@@ -46,6 +47,7 @@ class Int4KVFormat:
     block_size: int | None = None  # None -> min(128, head_dim)
     rotate_k: bool = True  # K is rotated whenever rotation is on
     rotate_v: bool = False
+    scale_fit: str = "minmax"  # how the writer picks (scale, min); readers never look
 
     def __post_init__(self):
         if self.group_size is None:
@@ -60,6 +62,8 @@ class Int4KVFormat:
             raise ValueError(f"head_dim must be a positive even number, got {d}")
         if self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        if self.scale_fit not in SCALE_FITS:
+            raise ValueError(f"scale fit must be one of {SCALE_FITS}, got {self.scale_fit!r}")
         if g < 2 or g % 2 or d % g:
             raise ValueError(
                 f"group size {g} must be an even divisor of head_dim {d} "

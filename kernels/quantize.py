@@ -23,9 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .format import CLAMP, Int4KVFormat
+from .format import CLAMP, SERVED_HEAD_DIMS as SUPPORTED_HEAD_DIMS, Int4KVFormat
 
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # Depth of the rotation's tensor-core dot (H_B = H_{B/DOT_K} (x) H_DOT_K): each halving
 # adds one fp32 butterfly per element, each doubling doubles the (cheap) tensor-core
 # MACs and the H_DOT_K tile in shared memory (DOT_K^2 * 2 bytes).
@@ -111,12 +110,34 @@ def _code(x, m, inv):
 
 
 @triton.jit
+def _lsq_pair(q, w, scale, mn, G: tl.constexpr):
+    """reference._lsq on the codes q (int32, [BT, NG, G]) and the values in code
+    units w = (x - min) / scale + 0.5 (fp32, the code arithmetic's own value): fit
+    w = alpha q + beta by least squares, then scale' = alpha scale and
+    min' = min + (beta - 0.5) scale. sum(q) and sum(q^2) (< 2^16 each for G <= 256)
+    share one int32 reduction. fp32 results."""
+    qq = tl.sum(q * (q << 16) + q, axis=2)  # sum(q^2) << 16 | sum(q)
+    sq = (qq & 0xFFFF).to(tl.float32)
+    sqq = (qq >> 16).to(tl.float32)
+    qf = q.to(tl.float32)
+    sw = tl.sum(w, axis=2)
+    sqw = tl.sum(qf * w, axis=2)
+    den = G * sqq - sq * sq  # exact integer in fp32
+    ok = (den > 0) & (scale > 0)
+    alpha = tl.math.div_rn(G * sqw - sq * sw, tl.where(ok, den, 1.0))
+    beta = tl.math.div_rn(sw - alpha * sq, tl.full(sw.shape, G, tl.float32)) - 0.5
+    fs = tl.minimum(tl.where(ok, alpha * scale, scale), 65504.0)
+    fm = tl.minimum(tl.maximum(tl.where(ok, mn + beta * scale, mn), -65504.0), 65504.0)
+    return tl.maximum(fs, 0.0), fm
+
+
+@triton.jit
 def _quantize_rows(
-    src, stride_t, stride_h, loc_ptr, data_ptr, scale_ptr,
+    src, stride_t, stride_h, loc_ptr, data_ptr, scale_ptr, mul_ptr, add_ptr,
     T, H, head, pid_t, nprog_t, inv_sqrt_b,
     D: tl.constexpr, G: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
     BLOCK_T: tl.constexpr, ROTATE: tl.constexpr, CLAMP_V: tl.constexpr,
-    DOT_K: tl.constexpr, STAGES: tl.constexpr,
+    DOT_K: tl.constexpr, STAGES: tl.constexpr, AFFINE: tl.constexpr, LSQ: tl.constexpr,
 ):
     NG: tl.constexpr = D // G
     HG: tl.constexpr = G // 2
@@ -127,14 +148,26 @@ def _quantize_rows(
     offs_d = tl.arange(0, D)
     offs_b = tl.arange(0, D // 2)
     offs_s = tl.arange(0, 2 * NG)
+    if AFFINE:  # this head's K calibration, k' = k * mul + add (fp32 [D])
+        if ROTATE:
+            a_mul = tl.load(mul_ptr + head * D + offs_d)[None, :]
+            a_add = tl.load(add_ptr + head * D + offs_d)[None, :]
+        else:
+            a_mul_l = tl.load(mul_ptr + head * D + offs_lo)[None, :, :]
+            a_add_l = tl.load(add_ptr + head * D + offs_lo)[None, :, :]
+            a_mul_h = tl.load(mul_ptr + head * D + offs_lo + HG)[None, :, :]
+            a_add_h = tl.load(add_ptr + head * D + offs_lo + HG)[None, :, :]
     num_tiles = tl.cdiv(T, BLOCK_T)
     for tile in tl.range(pid_t, num_tiles, nprog_t, num_stages=STAGES):
         offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
         mask_t = offs_t < T
         rows = src + offs_t.to(tl.int64)[:, None] * stride_t + head * stride_h
         if ROTATE:
-            x = tl.load(rows + offs_d[None, :], mask=mask_t[:, None], other=0.0).to(tl.float32)
-            y = _rotate_pm1(_sanitize(x, CLAMP_V), BLOCK_T, D, B, W, DOT_K)  # x . H_B * sqrt(B)
+            x = _sanitize(tl.load(rows + offs_d[None, :], mask=mask_t[:, None], other=0.0).to(tl.float32),
+                          CLAMP_V)
+            if AFFINE:
+                x = tl.minimum(tl.maximum(x * a_mul + a_add, -CLAMP_V), CLAMP_V)
+            y = _rotate_pm1(x, BLOCK_T, D, B, W, DOT_K)  # x . H_B * sqrt(B) (fp16 inputs)
             yg = tl.reshape(y, (BLOCK_T, NG, G))
             # reference: x' = clamp(y / sqrt(B)); scaling by a positive constant and
             # clamping are monotone, so max/min of x' = clamp(scaled max/min of y)
@@ -147,6 +180,9 @@ def _quantize_rows(
             m3 = mask_t[:, None, None]
             xl = _sanitize(tl.load(p, mask=m3, other=0.0).to(tl.float32), CLAMP_V)
             xh = _sanitize(tl.load(p + HG, mask=m3, other=0.0).to(tl.float32), CLAMP_V)
+            if AFFINE:
+                xl = tl.minimum(tl.maximum(xl * a_mul_l + a_add_l, -CLAMP_V), CLAMP_V)
+                xh = tl.minimum(tl.maximum(xh * a_mul_h + a_add_h, -CLAMP_V), CLAMP_V)
             hi = tl.maximum(tl.max(xl, axis=2), tl.max(xh, axis=2))
             lo = tl.minimum(tl.min(xl, axis=2), tl.min(xh, axis=2))
         scale16 = tl.math.div_rn(hi - lo, tl.full(hi.shape, 15.0, tl.float32)).to(tl.float16)
@@ -163,16 +199,29 @@ def _quantize_rows(
             # codes of +-CLAMP, merged with the 0..15 clamp (w is monotone in x')
             a = inv * inv_sqrt_b
             b = 0.5 - m * inv
-            w_lo = tl.maximum((-CLAMP_V - m) * inv + 0.5, 0.0)
-            w_hi = tl.minimum((CLAMP_V - m) * inv + 0.5, 15.0)
-            q = tl.minimum(tl.maximum(yg * a + b, w_lo), w_hi).to(tl.int32)
+            w_clo = (-CLAMP_V - m) * inv + 0.5  # the codes (unrounded) of -+CLAMP
+            w_chi = (CLAMP_V - m) * inv + 0.5
+            w_lo = tl.maximum(w_clo, 0.0)
+            w_hi = tl.minimum(w_chi, 15.0)
+            w = yg * a + b
+            q = tl.minimum(tl.maximum(w, w_lo), w_hi).to(tl.int32)
+            if LSQ:  # w unclamped: x' is clamped to +-CLAMP only for values that large
+                fs, fm = _lsq_pair(q, tl.minimum(tl.maximum(w, w_clo), w_chi), s, min16.to(tl.float32), G)
+                scale16, min16 = fs.to(tl.float16), fm.to(tl.float16)
             # split into half-groups after quantising: free where the half-group bit
             # is a register bit of the dot layout; where it is not (a half-group
             # spans Hadamard blocks, e.g. D=256 G=256 B=128) it moves codes only
             ql, qh = tl.split(tl.permute(tl.reshape(q, (BLOCK_T, NG, 2, HG)), (0, 1, 3, 2)))
             packed = ql | (qh << 4)  # [BLOCK_T, NG, G/2]
         else:
-            packed = _code(xl, m, inv) | (_code(xh, m, inv) << 4)
+            wl, wh = (xl - m) * inv + 0.5, (xh - m) * inv + 0.5
+            cl = tl.minimum(tl.maximum(wl, 0.0), 15.0).to(tl.int32)  # = _code(xl, m, inv)
+            ch = tl.minimum(tl.maximum(wh, 0.0), 15.0).to(tl.int32)
+            packed = cl | (ch << 4)
+            if LSQ:  # both half-groups in one [BT, NG, G] fit
+                fs, fm = _lsq_pair(tl.join(cl, ch).reshape(BLOCK_T, NG, G), tl.join(wl, wh).reshape(BLOCK_T, NG, G),
+                                   s, min16.to(tl.float32), G)
+                scale16, min16 = fs.to(tl.float16), fm.to(tl.float16)
         packed = tl.reshape(packed, (BLOCK_T, D // 2)).to(tl.uint8)
 
         slot = tl.load(loc_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
@@ -186,22 +235,24 @@ def _quantize_rows(
 @triton.jit(do_not_specialize=['T'])
 def _quantize_kv_kernel(
     k_ptr, k_st, k_sh, v_ptr, v_st, v_sh, loc_ptr,
-    kd_ptr, ks_ptr, vd_ptr, vs_ptr,
+    kd_ptr, ks_ptr, vd_ptr, vs_ptr, kmul_ptr, kadd_ptr,
     T, H, inv_sqrt_b,
     D: tl.constexpr, G: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
     BLOCK_T: tl.constexpr, ROT_K: tl.constexpr, ROT_V: tl.constexpr, CLAMP_V: tl.constexpr,
-    DOT_K: tl.constexpr, STAGES: tl.constexpr,
+    DOT_K: tl.constexpr, STAGES: tl.constexpr, K_AFFINE: tl.constexpr, LSQ: tl.constexpr,
 ):
     # grid: (token-tile programs, kv heads, {K, V}); each program strides over tiles
     pid_t = tl.program_id(0)
     head = tl.program_id(1)
     nprog_t = tl.num_programs(0)
     if tl.program_id(2) == 0:
-        _quantize_rows(k_ptr, k_st, k_sh, loc_ptr, kd_ptr, ks_ptr, T, H, head, pid_t, nprog_t,
-                       inv_sqrt_b, D, G, B, W, BLOCK_T, ROT_K, CLAMP_V, DOT_K, STAGES)
+        _quantize_rows(k_ptr, k_st, k_sh, loc_ptr, kd_ptr, ks_ptr, kmul_ptr, kadd_ptr, T, H, head,
+                       pid_t, nprog_t, inv_sqrt_b, D, G, B, W, BLOCK_T, ROT_K, CLAMP_V, DOT_K,
+                       STAGES, K_AFFINE, LSQ)
     else:
-        _quantize_rows(v_ptr, v_st, v_sh, loc_ptr, vd_ptr, vs_ptr, T, H, head, pid_t, nprog_t,
-                       inv_sqrt_b, D, G, B, W, BLOCK_T, ROT_V, CLAMP_V, DOT_K, STAGES)
+        _quantize_rows(v_ptr, v_st, v_sh, loc_ptr, vd_ptr, vs_ptr, kmul_ptr, kadd_ptr, T, H, head,
+                       pid_t, nprog_t, inv_sqrt_b, D, G, B, W, BLOCK_T, ROT_V, CLAMP_V, DOT_K,
+                       STAGES, False, LSQ)
 
 
 @triton.jit(do_not_specialize=['T'])
@@ -293,11 +344,14 @@ def _block_t(d: int, b: int, rotated: bool, num_warps: int = 4) -> int:
     return bt
 
 
-def quantize_and_store(k, v, loc, k_data, k_scales, v_data, v_scales, fmt: Int4KVFormat):
+def quantize_and_store(k, v, loc, k_data, k_scales, v_data, v_scales, fmt: Int4KVFormat,
+                       k_affine=None):
     """Quantise k, v [T, H, D] (bf16/fp16; rows may be strided, last dim contiguous)
     and write them at slots loc [T] of the layer buffers (data [rows, H, D/2] uint8,
     scales [rows, H, D/G, 2] fp16). One launch; no allocation; no host sync; inputs
-    are not modified. With fmt.rotation == "none" the same kernel runs without the
+    are not modified. k_affine: the layer's K calibration (mul, add), contiguous fp32
+    [H, D] on k's device (KCalibration.write_affine): K becomes k * mul + add first.
+    fmt.scale_fit picks (scale, min) as reference.quantize does. With fmt.rotation == "none" the same kernel runs without the
     rotation (the fair baseline for timing the rotation). Repeated slots (padding)
     get one of the writers' values, possibly mixed; other slots are unaffected."""
     t, h, d = k.shape
@@ -319,14 +373,19 @@ def quantize_and_store(k, v, loc, k_data, k_scales, v_data, v_scales, fmt: Int4K
         if tuple(buf.shape) != shape or buf.dtype != dt or not buf.is_contiguous():
             raise ValueError(f"{name} must be a contiguous {dt} tensor of shape {shape}, "
                              f"got {buf.dtype} {tuple(buf.shape)}")
+    if k_affine is not None:
+        for name, a in zip(("mul", "add"), k_affine):
+            if a.shape != (h, d) or a.dtype != torch.float32 or not a.is_contiguous() or a.device != k.device:
+                raise ValueError(f"k_affine {name} must be a contiguous fp32 [{h}, {d}] tensor on "
+                                 f"{k.device}, got {a.dtype} {tuple(a.shape)} on {a.device}")
     if t == 0:
         return
-    _launch_quantize(k, v, loc, k_data, k_scales, v_data, v_scales, fmt)
+    _launch_quantize(k, v, loc, k_data, k_scales, v_data, v_scales, fmt, k_affine=k_affine)
 
 
 def _launch_quantize(k, v, loc, k_data, k_scales, v_data, v_scales, fmt, block_t=None,
-                     num_warps=4, programs=None, stages=1, dot_k=DOT_K):
-    """The launch itself, with the tuning knobs exposed for tests/gpu/quantize_speed.py:
+                     num_warps=4, programs=None, stages=1, dot_k=DOT_K, k_affine=None):
+    """The launch itself, with the tuning knobs exposed for dev/gpu/quantize_speed.py:
     token-tile size, warps, programs per launch, software-pipelining stages of the
     tile loop (1 = off) and the depth of the rotation's tensor-core dot (16..B; the
     rest of each Hadamard block is butterflies; dot_k >= B is one dense dot)."""
@@ -335,12 +394,14 @@ def _launch_quantize(k, v, loc, k_data, k_scales, v_data, v_scales, fmt, block_t
     bt = block_t or _block_t(d, fmt.block_size, fmt.k_rotated or fmt.v_rotated, num_warps)
     tiles = triton.cdiv(t, bt)
     grid_t = min(tiles, max(1, (programs or _target_programs(k.device)) // (2 * h)))
+    kmul, kadd = k_affine if k_affine is not None else (k_scales, k_scales)  # unused then
     _quantize_kv_kernel[(grid_t, h, 2)](
         k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), loc,
-        k_data, k_scales, v_data, v_scales,
+        k_data, k_scales, v_data, v_scales, kmul, kadd,
         t, h, inv_sqrt_b,
         BLOCK_T=bt, ROT_K=fmt.k_rotated, ROT_V=fmt.v_rotated, CLAMP_V=CLAMP,
-        DOT_K=dot_k, STAGES=stages, num_warps=num_warps, **c,
+        DOT_K=dot_k, STAGES=stages, K_AFFINE=k_affine is not None, LSQ=fmt.scale_fit == "lsq",
+        num_warps=num_warps, **c,
     )
 
 
@@ -371,4 +432,5 @@ def dequantize(data, scales, loc, fmt: Int4KVFormat, rotated: bool, dtype=torch.
 def without_rotation(fmt: Int4KVFormat) -> Int4KVFormat:
     """The same format with rotation off: the no-rotation baseline for benchmarks."""
     return Int4KVFormat(head_dim=fmt.head_dim, group_size=fmt.group_size, rotation="none",
-                        block_size=fmt.block_size, rotate_k=fmt.rotate_k, rotate_v=fmt.rotate_v)
+                        block_size=fmt.block_size, rotate_k=fmt.rotate_k, rotate_v=fmt.rotate_v,
+                        scale_fit=fmt.scale_fit)

@@ -23,55 +23,71 @@ def sanitize(x: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(x.float(), nan=0.0, posinf=CLAMP, neginf=-CLAMP).clamp(-CLAMP, CLAMP)
 
 
-def quantize(x: torch.Tensor, fmt: Int4KVFormat, rotated: bool, clip=1.0):
-    """[..., D] float -> (packed uint8 [..., D/2], scales fp16 [..., NG, 2]).
+def quantize(x: torch.Tensor, fmt: Int4KVFormat, rotated: bool, fit: str | None = None,
+             affine=None):
+    """[..., H, D] float -> (packed uint8 [..., H, D/2], scales fp16 [..., H, NG, 2]).
 
-    `clip` (a candidate, not what the kernels write: they use 1.0) shrinks each
-    group's [min, max] about its centre by that factor, or with "mse" picks per group
-    the factor in CLIP_GRID with the least squared error."""
+    `fit` (default fmt.scale_fit) picks each group's (scale, min): "minmax" maps the
+    group's min and max to codes 0 and 15; "lsq" keeps those codes and replaces
+    (scale, min) by the least-squares fit of the values to them (never a larger
+    squared error before the fp16 rounding; same stored format, same readers).
+    `affine` = (mul, add) [H, D]: the values first become x * mul + add (a K
+    calibration, kernels/calibration.py), clamped, and fp16-rounded when rotated
+    (the kernel's rotation dot takes fp16)."""
     x = sanitize(x)
+    if affine is not None:
+        mul, add = (t.to(x.device, torch.float32) for t in affine)
+        x = (x * mul + add).clamp(-CLAMP, CLAMP)
+        if rotated:
+            x = x.half().float()
     if rotated:
         x = rotate(x, fmt.block_size).clamp(-CLAMP, CLAMP)
     g = fmt.group_size
     xg = x.reshape(*x.shape[:-1], fmt.num_groups, g)
-    if clip == "mse":
-        q, scale, mn = _clip_search(xg)
-    else:
-        q, scale, mn = _quantize_groups(xg, float(clip))
+    q, scale, mn = fit_groups(xg, fit or fmt.scale_fit)
     packed = q[..., : g // 2] | (q[..., g // 2 :] << 4)
     packed = packed.reshape(*x.shape[:-1], fmt.head_dim // 2)
     return packed, torch.stack([scale, mn], -1)
 
 
-CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
-
-
-def _quantize_groups(xg, clip: float):
-    """xg [..., NG, G] -> (codes uint8, scale fp16, min fp16) with the range shrunk by clip."""
+def fit_groups(xg: torch.Tensor, fit: str):
+    """xg [..., NG, G] fp32 -> (codes uint8, scale fp16, min fp16)."""
     lo, hi = xg.amin(-1), xg.amax(-1)
-    if clip != 1.0:
-        mid, half = (hi + lo) / 2, (hi - lo) / 2 * clip
-        lo, hi = mid - half, mid + half
-    scale = ((hi - lo) / 15.0).half()
-    mn = lo.half()
+    scale, mn = ((hi - lo) / 15.0).half(), lo.half()
+    # divide by the stored fp16 values so that dequantisation is exact to the code
     s, m = scale.float().unsqueeze(-1), mn.float().unsqueeze(-1)
     inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-    q = torch.floor((xg - m) * inv + 0.5).clamp(0, 15).to(torch.uint8)
-    return q, scale, mn
+    qf = torch.floor((xg - m) * inv + 0.5).clamp(0, 15)
+    if fit == "lsq":
+        scale, mn = _lsq(xg, qf, scale, mn)
+    elif fit != "minmax":
+        raise ValueError(f"unknown scale fit {fit!r}")
+    return qf.to(torch.uint8), scale, mn
 
 
-def _clip_search(xg):
-    best = None
-    for c in CLIP_GRID:
-        q, scale, mn = _quantize_groups(xg, c)
-        err = ((q.float() * scale.float().unsqueeze(-1) + mn.float().unsqueeze(-1) - xg) ** 2).sum(-1)
-        if best is None:
-            best = (err, q, scale, mn)
-            continue
-        take = err < best[0]
-        best = (torch.where(take, err, best[0]), torch.where(take.unsqueeze(-1), q, best[1]),
-                torch.where(take, scale, best[2]), torch.where(take, mn, best[3]))
-    return best[1], best[2], best[3]
+def _lsq(xg, qf, scale, mn):
+    """Least-squares (scale, min) of values xg against fixed codes qf, per group:
+    scale = cov(q, x) / var(q), min = mean(x) - scale * mean(q), on x - min (no
+    large common offset to cancel in fp32). Codes rise with the values, so cov >= 0
+    and the scale stays >= 0; a group whose codes are all equal (constant) keeps its
+    min-max pair. n * sum(q^2) - sum(q)^2 is an exact integer in fp32 (G <= 256)."""
+    n = xg.shape[-1]
+    m0 = mn.float()
+    xc = xg - m0.unsqueeze(-1)
+    sq, sqq = qf.sum(-1), (qf * qf).sum(-1)
+    sx, sqx = xc.sum(-1), (qf * xc).sum(-1)
+    den = n * sqq - sq * sq
+    ok = den > 0
+    fs = (n * sqx - sq * sx) / torch.where(ok, den, 1.0)
+    fm = m0 + (sx - fs * sq) / n
+    fs = torch.where(ok, fs, scale.float()).clamp(0, 65504)
+    fm = torch.where(ok, fm, m0).clamp(-65504, 65504)
+    return fs.half(), fm.half()
+
+
+def uncalibrate(x: torch.Tensor, calibration, layer: int) -> torch.Tensor:
+    """Values read back in the calibrated basis -> K: x * scale + mean."""
+    return x * calibration.scale[layer].to(x.device) + calibration.mean[layer].to(x.device)
 
 
 def unpack_codes(packed: torch.Tensor, fmt: Int4KVFormat) -> torch.Tensor:
@@ -93,9 +109,11 @@ def dequantize_values(packed, scales, fmt: Int4KVFormat, rotated: bool, unrotate
     return x
 
 
-def quantize_and_store_ref(k, v, loc, k_data, k_scales, v_data, v_scales, fmt: Int4KVFormat):
-    """Write quantized k, v [T, H, D] at slots loc [T] (last write wins on repeats)."""
-    kd, ks = quantize(k, fmt, fmt.k_rotated)
+def quantize_and_store_ref(k, v, loc, k_data, k_scales, v_data, v_scales, fmt: Int4KVFormat,
+                           k_affine=None):
+    """Write quantized k, v [T, H, D] at slots loc [T] (last write wins on repeats);
+    k_affine: the layer's K calibration (mul, add) [H, D]."""
+    kd, ks = quantize(k, fmt, fmt.k_rotated, affine=k_affine)
     vd, vs = quantize(v, fmt, fmt.v_rotated)
     loc = loc.long()
     k_data[loc], k_scales[loc] = kd, ks

@@ -22,6 +22,7 @@ from sglang.srt.layers.quantization.fp4_kv_cache_quant_method import (
     KVCacheQuantMethodBase,
 )
 
+from saw_sglang.kernels.calibration import KCalibration
 from saw_sglang.kernels.format import Int4KVFormat
 
 NAME = "saw_int4"
@@ -43,10 +44,20 @@ def _load_kernels() -> tuple:
 class SawInt4KVCacheMethod(KVCacheQuantMethodBase):
     name = NAME
 
-    def __init__(self, fmt: Int4KVFormat):
+    def __init__(self, fmt: Int4KVFormat, calibration: KCalibration | None = None, start_layer: int = 0):
+        """calibration: this rank's K calibration (all model layers, this rank's KV
+        heads); start_layer: the model layer of the pool's first buffer (pipeline
+        stages hold a slice of the layers)."""
         self.fmt = fmt
+        self.calibration = calibration
+        self.start_layer = start_layer
         self.SCALE_BLOCK_SIZE = fmt.group_size
         self._quantize_and_store = self._dequantize = None
+        self._affine = {}  # k_buffer data_ptr -> (mul, add) of that layer
+
+    def k_affine(self, k_buffer):
+        """The write-side K calibration of the layer owning k_buffer (None without)."""
+        return self._affine.get(k_buffer.data_ptr()) if self.calibration is not None else None
 
     def _kernels(self, device):
         if self._quantize_and_store is None:
@@ -63,8 +74,19 @@ class SawInt4KVCacheMethod(KVCacheQuantMethodBase):
         new = lambda shape, dtype: [  # noqa: E731
             torch.zeros(shape, dtype=dtype, device=device) for _ in range(layer_num)
         ]
+        k_buffers = new(f.data_shape(size, head_num), torch.uint8)
+        if self.calibration is not None:
+            cal = self.calibration
+            if cal.shape[1:] != (head_num, head_dim) or self.start_layer + layer_num > cal.shape[0]:
+                raise ValueError(
+                    f"K calibration {cal.shape} does not fit this pool (layers "
+                    f"{self.start_layer}..{self.start_layer + layer_num}, {head_num} KV heads, "
+                    f"head_dim {head_dim})")
+            # the write is per layer: key the layer's (mul, add) by its buffer
+            self._affine = {buf.data_ptr(): cal.write_affine(self.start_layer + i, device)
+                            for i, buf in enumerate(k_buffers)}
         return {
-            "k_buffer": new(f.data_shape(size, head_num), torch.uint8),
+            "k_buffer": k_buffers,
             "v_buffer": new(f.data_shape(size, head_num), torch.uint8),
             "k_scale_buffer": new(f.scale_shape(size, head_num), torch.float16),
             "v_scale_buffer": new(f.scale_shape(size, head_num), torch.float16),
@@ -86,6 +108,7 @@ class SawInt4KVCacheMethod(KVCacheQuantMethodBase):
         self._quantize_and_store(
             cache_k, cache_v, loc,
             k_buffer, k_scale_buffer, v_buffer, v_scale_buffer, self.fmt,
+            k_affine=self.k_affine(k_buffer),
         )
 
     # -- fallbacks (debugging, tests): never on the attention hot path ------------
@@ -93,13 +116,21 @@ class SawInt4KVCacheMethod(KVCacheQuantMethodBase):
         self, fp4_tensor: Tensor, scales: Tensor, layer_id: int, dtype=None, *,
         is_value: bool = False,
     ) -> Tensor:
-        """All rows of one packed K (or V with is_value=True) buffer -> [rows, H, D]."""
+        """All rows of one packed K (or V with is_value=True) buffer -> [rows, H, D]
+        (a calibrated K comes back as K: the calibration undone)."""
         self._kernels(fp4_tensor.device)
         loc = torch.arange(fp4_tensor.shape[0], device=fp4_tensor.device)
         rotated = self.fmt.v_rotated if is_value else self.fmt.k_rotated
-        return self._dequantize(
-            fp4_tensor, scales, loc, self.fmt, rotated, dtype=dtype or torch.bfloat16
+        cal = None if is_value else self.calibration
+        out = self._dequantize(
+            fp4_tensor, scales, loc, self.fmt, rotated,
+            dtype=torch.float32 if cal is not None else (dtype or torch.bfloat16),
         )
+        if cal is not None:
+            layer = self.start_layer + layer_id
+            out = (out * cal.scale[layer].to(out.device) + cal.mean[layer].to(out.device))
+            out = out.to(dtype or torch.bfloat16)
+        return out
 
     def dequantize_prev_kv(self, k_fp4, k_scales, v_fp4, v_scales, layer_id):
         return (

@@ -226,7 +226,21 @@ def validate(args) -> None:
         model_config = args.get_model_config()
         check_model(model_config)
         served_format(args, model_config.head_dim)
+        if args.saw_calibration:
+            check_calibration(args.saw_calibration, model_config)
     check_features(args)
+
+
+def check_calibration(path, model_config) -> None:
+    """--saw-calibration: a file for this model (config.check_flags refused it already
+    where the attention kernels do not read calibrated keys)."""
+    from saw_sglang.kernels.calibration import KCalibration
+
+    cal = KCalibration.load(path)
+    want = (model_config.num_hidden_layers, model_config.get_total_num_kv_heads(), model_config.head_dim)
+    if cal.shape != want:
+        raise ValueError(f"--saw-calibration {path} is for [layers, kv heads, head_dim] {cal.shape}, "
+                         f"this model has {want}: make one with python -m saw_sglang.calibrate.")
 
 
 def apply() -> bool:

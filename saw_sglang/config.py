@@ -13,12 +13,16 @@ import json
 import os
 from dataclasses import dataclass, fields
 
-from saw_sglang.kernels.format import ROTATIONS, Int4KVFormat, group_examples
+from saw_sglang.kernels.format import ROTATIONS, SCALE_FITS, Int4KVFormat, group_examples
 from saw_sglang.kernels.format import MIN_SERVED_GROUP, SERVED_HEAD_DIMS
 
 KV_CACHE_DTYPE = "int4"
 SUPPORTED_BACKENDS = ("flashinfer", "triton")  # the attention backends with INT4 kernels
 DEFAULT_BACKEND = "flashinfer"
+# The INT4 attention backends read calibrated keys (q folded with the calibration's
+# scale, the prefix log-sum-exp shifted by its mean: kernels/calibration.py). Until
+# they do, --saw-calibration is refused at startup (the write alone would be wrong).
+K_CALIBRATION_SERVED = False
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,8 @@ class SawConfig:
     saw_hadamard_block_size: int | None = None
     saw_group_size: int | None = None
     saw_rotate_v: bool = False
+    saw_scale_fit: str | None = None  # None: lsq with a calibration, minmax without
+    saw_calibration: str | None = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -41,6 +47,11 @@ class SawConfig:
         default = cls()
         return cls(**{n: get(n, getattr(default, n)) for n in cls.names()})
 
+    @property
+    def scale_fit(self) -> str:
+        """Least squares pays off on calibrated keys (docs/eval.md), min-max otherwise."""
+        return self.saw_scale_fit or ("lsq" if self.saw_calibration else "minmax")
+
     def fmt(self, head_dim: int) -> Int4KVFormat:
         """The KV format for a model with this head_dim; raises ValueError naming the flag."""
         try:
@@ -50,11 +61,12 @@ class SawConfig:
                 rotation=self.saw_rotation,
                 block_size=self.saw_hadamard_block_size,
                 rotate_v=self.saw_rotate_v,
+                scale_fit=self.scale_fit,
             )
         except ValueError as e:
             raise ValueError(
                 f"--kv-cache-dtype int4: {e}. Fix --saw-group-size / "
-                f"--saw-hadamard-block-size / --saw-rotation (or leave them unset for "
+                f"--saw-hadamard-block-size / --saw-rotation / --saw-scale-fit (or leave them unset for "
                 f"the defaults: group {head_dim}, block {min(128, head_dim)})."
             ) from None
         return fmt
@@ -131,6 +143,16 @@ def check_flags(cfg: SawConfig, model_path=None, backends: dict | None = None) -
     check_backends(backends or {})
     if cfg.saw_rotation not in ROTATIONS:
         raise ValueError(f"--saw-rotation {cfg.saw_rotation!r}: rotation must be one of {', '.join(ROTATIONS)}.")
+    if cfg.saw_scale_fit is not None and cfg.saw_scale_fit not in SCALE_FITS:
+        raise ValueError(f"--saw-scale-fit {cfg.saw_scale_fit!r}: must be one of {', '.join(SCALE_FITS)}, "
+                         "or leave it unset.")
+    if cfg.saw_calibration is not None and not K_CALIBRATION_SERVED:
+        raise ValueError(f"--saw-calibration {cfg.saw_calibration}: this build's INT4 attention kernels "
+                         "do not read calibrated keys yet (the write kernel and the accuracy tool do). "
+                         "Drop --saw-calibration.")
+    if cfg.saw_calibration is not None and not os.path.isfile(str(cfg.saw_calibration)):
+        raise ValueError(f"--saw-calibration {cfg.saw_calibration}: no such file; make one with "
+                         "python -m saw_sglang.calibrate --model MODEL --out FILE.")
     g, b = cfg.saw_group_size, cfg.saw_hadamard_block_size
     for flag, v in (("--saw-group-size", g), ("--saw-hadamard-block-size", b)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -191,6 +213,18 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--saw-rotate-v", action=argparse.BooleanOptionalAction, default=d.saw_rotate_v,
         help="Also rotate V (default: off; K is always rotated when rotation is on).",
+    )
+    g.add_argument(
+        "--saw-scale-fit", choices=SCALE_FITS, default=d.saw_scale_fit,
+        help="How the write picks each group's fp16 (scale, min): minmax maps min and max to "
+        "codes 0 and 15; lsq keeps those codes and least-squares fits the pair to the values "
+        "(lower squared error, more write work). Same stored format and readers. Default: "
+        "lsq with --saw-calibration, minmax without.",
+    )
+    g.add_argument(
+        "--saw-calibration", default=d.saw_calibration, metavar="FILE",
+        help="A per-model K calibration (per-channel shift and scale before the rotation, "
+        "exact in attention) made by `python -m saw_sglang.calibrate`. Default: none.",
     )
 
 

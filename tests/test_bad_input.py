@@ -57,6 +57,8 @@ LAUNCH = "saw_sglang.launch_server"
     (["--attention-backend", "fa3"], ["fa3 attention backend", "--attention-backend flashinfer"]),
     (["--saw-rotation", "foo"], ["--saw-rotation", "'foo'", "hadamard", "(see --help)"]),
     (["--saw-hadamard-block-size", "48"], ["power of two", "(see --help)"]),
+    (["--saw-calibration", "k.pt"], ["--saw-calibration k.pt", "do not read calibrated keys yet"]),
+    (["--saw-scale-fit", "mse"], ["--saw-scale-fit", "'mse'", "lsq"]),
 ])
 def test_launch_server_refuses_before_sglang_loads(flags, fragments):
     rc, err, out = run(LAUNCH, "--model-path", "x", "--kv-cache-dtype", "int4", *flags)
@@ -104,8 +106,10 @@ EVAL = "saw_sglang.eval"
     (["--tokens", "0"], ["--tokens 0: must be at least 1"]),
     (["--ctx", "0"], ["--ctx 0: must be at least 2"]),
     (["--text", "/nonexistent/text.txt"], ["--text /nonexistent/text.txt: no such file"]),
-    (["--modes", "bf16,int4:bogus=1"], ["bad option 'bogus=1'", "rot=none|hadamard", "g=N", "keep=I.J"]),
-    (["--modes", "int5"], ["unknown KV mode 'int5'", "fp8_e4m3"]),
+    (["--modes", "bf16,int4:bogus=1"], ["unknown or malformed option 'bogus=1'"]),
+    (["--modes", "int4:g=32"], ["option 'g' is now spelled 'group-size'"]),
+    (["--modes", "int5"], ["unknown KV mode 'int5'", "bf16, fp8 or int4"]),
+    (["--text", "/nonexistent/text.txt", "--text", "/nonexistent/other.txt"], ["no such file"]),
 ])
 def test_eval_checks_its_inputs_before_the_model(args, fragments, tmp_path):
     # A model that does not exist: any attempt to load it would be a different error.
@@ -138,5 +142,5 @@ def test_eval_says_when_the_text_is_shorter_than_tokens(model_without_weights):
 def test_eval_checks_modes_against_the_model_config_before_the_weights(model_without_weights):
     d = model_without_weights  # head_dim 32
     rc, err, _ = run(EVAL, "--model", d / "m", "--text", d / "t.txt", "--tokens", "20",
-                     "--modes", "int4:g=7", "--out", d / "o")
-    one_line(rc, err, "mode 'int4:g=7'", "head_dim 32", "(e.g. 32 or 16)")
+                     "--modes", "int4:group-size=7", "--out", d / "o")
+    one_line(rc, err, "group size 7", "head_dim 32", "(e.g. 32 or 16)")

@@ -49,7 +49,7 @@ def assert_all_gone(pidfile: Path, timeout=10.0):
     assert not [p for p in found if pid_alive(p)], "server processes left running"
 
 
-def argv(tmp_path, *extra, server_env="", modes="bf16,fp8,int4-naive,saw-int4",
+def argv(tmp_path, *extra, server_env="", modes="bf16,fp8,int4:rotation=none:scale-fit=minmax,int4",
          scenario=("s:16:8:2,4:2", "l:64:8:1:1")):
     pidfile = tmp_path / "pids"
     a = ["--model-path", "/nonexistent/model", "--out", str(tmp_path / "out"), "--modes", modes,
@@ -87,9 +87,9 @@ def test_budget_preset_trims_points_and_prompts():
 
 def test_server_cmd_carries_flags_and_mode_args(tmp_path):
     a, _ = argv(tmp_path, "--max-total-tokens", "5000", "--attention-backend", "triton",
-                "--disable-piecewise-cuda-graph", "--mode-args", "int4-naive=--kv-cache-dtype int4 --x y")
+                "--disable-piecewise-cuda-graph", "--mode-args", "int4:rotation=none:scale-fit=minmax=--kv-cache-dtype int4 --x y")
     args = serve.build_parser().parse_args(a)
-    cmd = serve.server_cmd(args, "int4-naive", 1234)
+    cmd = serve.server_cmd(args, "int4:rotation=none:scale-fit=minmax", 1234)
     s = " ".join(cmd)
     for part in ("--port 1234", "--max-total-tokens 5000", "--attention-backend triton",
                  "--disable-piecewise-cuda-graph", "--load-format dummy", "--kv-cache-dtype int4 --x y",
@@ -115,16 +115,16 @@ def test_full_sweep_writes_results_and_stops_servers(tmp_path, capsys):
     # The fake client's throughput encodes which server answered.
     assert by[("bf16", "s", 4)]["output_tok_s"] == 40.0
     assert by[("fp8", "s", 4)]["output_tok_s"] == 60.0
-    assert by[("saw-int4", "s", 4)]["output_tok_s"] == 80.0
-    assert by[("saw-int4", "s", 2)]["num_prompts"] == 4 and by[("bf16", "l", 1)]["num_prompts"] == 1
-    assert by[("bf16", "s", 2)]["kv_tokens"] == 50000 and by[("saw-int4", "s", 2)]["kv_tokens"] == 200000
+    assert by[("int4", "s", 4)]["output_tok_s"] == 80.0
+    assert by[("int4", "s", 2)]["num_prompts"] == 4 and by[("bf16", "l", 1)]["num_prompts"] == 1
+    assert by[("bf16", "s", 2)]["kv_tokens"] == 50000 and by[("int4", "s", 2)]["kv_tokens"] == 200000
     assert by[("bf16", "s", 2)]["completed"] == 4
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == len(pts) and set(serve.CSV_FIELDS) <= set(rows[0])
     assert (out / "throughput.png").stat().st_size > 1000
     assert len(res["servers"]) == 4 and all(s["kv_tokens"] for s in res["servers"].values())
     printed = capsys.readouterr().out
-    assert "2.00x" in printed and "1.00x" in printed  # saw-int4/bf16, saw-int4/int4-naive
+    assert "2.00x" in printed and "1.00x" in printed  # int4/bf16, int4/naive
     calls = [json.loads(x) for x in (tmp_path / "client-argv").read_text().splitlines()]
     assert len(calls) == 12
     c0 = " ".join(calls[0])
@@ -137,24 +137,24 @@ def test_full_sweep_writes_results_and_stops_servers(tmp_path, capsys):
 
 
 def test_failed_start_is_recorded_and_other_modes_run(tmp_path):
-    a, pidfile = argv(tmp_path, server_env="FAKE_MODE=exit", modes="bf16,saw-int4")
+    a, pidfile = argv(tmp_path, server_env="FAKE_MODE=exit", modes="bf16,int4")
     rc = serve.main(a)
     assert rc == 1
     res = json.loads((tmp_path / "out" / "results.json").read_text())
-    saw = [p for p in res["points"] if p["mode"] == "saw-int4"]
+    saw = [p for p in res["points"] if p["mode"] == "int4"]
     bf = [p for p in res["points"] if p["mode"] == "bf16"]
-    log = tmp_path / "out" / "server-saw-int4.log"
+    log = tmp_path / "out" / "server-int4.log"
     assert len(saw) == 3 and all(p["error"] == f"server failed to start (log {log})" for p in saw)
     assert all(p["output_tok_s"] for p in bf)
-    assert "exited with code 3" in res["servers"]["saw-int4"]["error"]
+    assert "exited with code 3" in res["servers"]["int4"]["error"]
     assert_all_gone(pidfile)
 
 
 def test_no_server_starts_log_shown_and_no_plot(tmp_path, capsys):
-    a, pidfile = argv(tmp_path, server_env="FAKE_MODE=exit", modes="saw-int4")
+    a, pidfile = argv(tmp_path, server_env="FAKE_MODE=exit", modes="int4")
     assert serve.main(a) == 1
     err = capsys.readouterr().err
-    log = tmp_path / "out" / "server-saw-int4.log"
+    log = tmp_path / "out" / "server-int4.log"
     assert f"log {log}" in err and "fake server: failing on purpose" in err  # path and tail
     assert not (tmp_path / "out" / "throughput.png").exists()  # nothing measured, no empty plot
     assert_all_gone(pidfile)
@@ -162,12 +162,12 @@ def test_no_server_starts_log_shown_and_no_plot(tmp_path, capsys):
 
 def test_never_healthy_times_out_and_is_killed(tmp_path):
     a, pidfile = argv(tmp_path, "--start-timeout", "2", server_env="FAKE_MODE=never_healthy",
-                      modes="saw-int4")
+                      modes="int4")
     t0 = time.monotonic()
     assert serve.main(a) == 1
     assert time.monotonic() - t0 < 30
     res = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert "not healthy after 2 s" in res["servers"]["saw-int4"]["error"]
+    assert "not healthy after 2 s" in res["servers"]["int4"]["error"]
     assert_all_gone(pidfile)
 
 
@@ -189,7 +189,7 @@ def test_failed_and_hung_bench_points(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_mid_sweep_stops_server(tmp_path, sig):
-    a, pidfile = argv(tmp_path, modes="bf16,saw-int4", scenario=("s:16:8:2,4:1",))
+    a, pidfile = argv(tmp_path, modes="bf16,int4", scenario=("s:16:8:2,4:1",))
     env = dict(os.environ, FAKE_BENCH_HANG_AT="4")
     proc = subprocess.Popen([sys.executable, "-m", "saw_sglang.bench", "serve", *a], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -251,7 +251,7 @@ def profile_argv(tmp_path, *extra, scenario=("s:16:16:4:1",), server_env=""):
     """Both launchers slow enough (50 ms a token) that the client's requests are seen running."""
     pidfile = tmp_path / "pids"
     env = f"env FAKE_PIDFILE={pidfile} FAKE_TOKEN_S=0.05 FAKE_PROFILE_LOG={tmp_path / 'prof.log'} {server_env}"
-    a = ["--model-path", "/nonexistent/model", "--out", str(tmp_path / "out"), "--modes", "bf16,saw-int4",
+    a = ["--model-path", "/nonexistent/model", "--out", str(tmp_path / "out"), "--modes", "bf16,int4",
          "--stock-launcher", f"{env} {FAKE_SERVER}", "--saw-launcher", f"{env} {FAKE_SERVER}",
          "--bench-cmd", FAKE_CLIENT, "--start-timeout", "20", "--profile"]
     for s in scenario:
@@ -267,7 +267,7 @@ def test_profile_captures_steps_at_steady_traffic(tmp_path, capsys, monkeypatch)
     out = tmp_path / "out"
     pts = {p["mode"]: p for p in json.loads((out / "results.json").read_text())["points"]}
     attn_bf16 = sum(d for _, d, c in STEP_KERNELS if c == "attn_decode") / 1000.0
-    for mode, attn in (("bf16", attn_bf16), ("saw-int4", attn_bf16 / 2)):  # fake INT4: half the time
+    for mode, attn in (("bf16", attn_bf16), ("int4", attn_bf16 / 2)):  # fake INT4: half the time
         prof = pts[mode]["profile"]
         assert prof["error"] is None and prof["running_reqs"] == 4
         b = prof["breakdown"]
@@ -276,7 +276,7 @@ def test_profile_captures_steps_at_steady_traffic(tmp_path, capsys, monkeypatch)
         assert b["kernel_ms"] == pytest.approx(step_us() / 1000.0 - attn_bf16 + attn)
         assert Path(prof["dir"]) == out / "profile" / f"{mode}-s-c4"
     rows = {r["mode"]: r for r in csv.DictReader((out / "results.csv").open())}
-    assert float(rows["saw-int4"]["profile_attn_decode_ms"]) == pytest.approx(attn_bf16 / 2)
+    assert float(rows["int4"]["profile_attn_decode_ms"]) == pytest.approx(attn_bf16 / 2)
     assert rows["bf16"]["profile_steps"] == "5.0"
     assert (out / "profile.png").stat().st_size > 1000
     reqs = [json.loads(x) for x in (tmp_path / "prof.log").read_text().splitlines()]

@@ -160,5 +160,6 @@ def test_simulation_kept_when_the_server_phase_fails(tmp_path):
         main(["--model", str(tmp_path / "m"), "--text", str(tmp_path / "t.txt"), "--tokens", "40",
               "--ctx", "20", "--modes", "bf16,int4", "--server", f"int4={dead}", "--out", str(tmp_path / "o")])
     res = json.loads((tmp_path / "o" / "results.json").read_text())
-    assert res["meta"]["partial"] and [r["spec"] for r in res["results"]] == ["bf16", "int4"]
+    naive = "int4:rotation=none:scale-fit=minmax"  # always scored: the far end of the gap
+    assert res["meta"]["partial"] and [r["spec"] for r in res["results"]] == ["bf16", naive, "int4"]
     assert res["results"][0]["dppl"] == 0

@@ -184,3 +184,41 @@ def test_configurator_builds_int4_pool(tmp_path, monkeypatch):
     kvc.server_args.kv_cache_dtype = "bf16"
     plain = build(kvc, max_total_num_tokens=40, mha_pool_class=MHATokenToKVPool)
     assert not plain.is_quantized_kv_cache
+
+
+def test_k_calibration_write_and_fallback_read():
+    """A pool with a K calibration: each layer's K is written as (k - mean) / scale
+    (that layer's factors, found by its buffer), V as without, and the fallback read
+    undoes it; a pipeline stage's first buffer is model layer start_layer."""
+    from saw_sglang.kernels.calibration import KCalibration
+
+    fmt = Int4KVFormat(head_dim=64)
+    g = torch.Generator().manual_seed(2)
+    cal = KCalibration(torch.randn(4, 2, 64, generator=g) * 3, torch.rand(4, 2, 64, generator=g) + 0.5)
+    pool = MHATokenToKVPool(size=32, page_size=1, dtype=torch.uint8, head_num=2, head_dim=64, layer_num=2,
+                            device="cpu", enable_memory_saver=False,
+                            quant_method=SawInt4KVCacheMethod(fmt, cal, start_layer=2))
+    for layer_id in range(2):
+        layer = RadixAttention(num_heads=2, head_dim=64, scaling=0.1, num_kv_heads=2, layer_id=layer_id)
+        k = (torch.randn(9, 2, 64) * 4 + cal.mean[2 + layer_id]).bfloat16()
+        v = torch.randn(9, 2, 64).bfloat16()
+        loc = torch.randperm(32)[:9] + 1
+        pool.set_kv_buffer(layer, loc, k, v)
+        kd, vd, ks, vs = pool.get_raw_kv_buffer(layer_id)
+        want = [t.clone() for t in (kd, ks, vd, vs)]
+        ref.quantize_and_store_ref(k, v, loc, *want, fmt, k_affine=cal.write_affine(2 + layer_id))
+        torch.testing.assert_close(ks[loc], want[1][loc], rtol=1e-3, atol=1e-3)
+        assert torch.equal(vs[loc], want[3][loc]) and torch.equal(vd[loc], want[2][loc])
+        back_k, _ = pool.quant_method.dequantize_prev_kv(kd[loc], ks[loc], vd[loc], vs[loc], layer_id)
+        err = (back_k.float() - k.float()).norm(dim=-1)
+        bound = (ks[loc][..., 0].float().amax(-1) * 64**0.5) * cal.scale[2 + layer_id].max()
+        assert (err <= bound + 1e-2).all()
+    with pytest.raises(ValueError, match="does not fit this pool"):
+        MHATokenToKVPool(size=8, page_size=1, dtype=torch.uint8, head_num=3, head_dim=64, layer_num=2,
+                         device="cpu", enable_memory_saver=False, quant_method=SawInt4KVCacheMethod(fmt, cal))
+
+
+def test_rank_heads_follow_sglang_layout():
+    assert [kv_pool.rank_heads(8, 2, r) for r in range(2)] == [(0, 4), (4, 4)]
+    assert [kv_pool.rank_heads(3, 6, r) for r in range(6)] == [(0, 1), (0, 1), (1, 1), (1, 1), (2, 1), (2, 1)]
+    assert kv_pool.rank_heads(3, 1, 0) == (0, 3)

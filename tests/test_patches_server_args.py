@@ -33,12 +33,13 @@ def test_parser_accepts_int4_and_saw_flags(llama):
     ns = parser().parse_args([
         "--model-path", llama, "--kv-cache-dtype", "int4", "--saw-rotation", "none",
         "--saw-hadamard-block-size", "32", "--saw-group-size", "32", "--saw-rotate-v",
+        "--saw-scale-fit", "lsq",
         "--device", "cpu", "--skip-tokenizer-init", "--attention-backend", "triton",
     ])
     args = ServerArgs.from_cli_args(ns)
     assert args.kv_cache_dtype == "int4"
     assert (args.saw_rotation, args.saw_hadamard_block_size, args.saw_group_size,
-            args.saw_rotate_v) == ("none", 32, 32, True)
+            args.saw_rotate_v, args.saw_scale_fit) == ("none", 32, 32, True, "lsq")
     # the options survive the pickle that carries ServerArgs to the scheduler
     again = pickle.loads(pickle.dumps(args))
     assert (again.saw_group_size, again.saw_rotate_v) == (32, True)
@@ -56,6 +57,7 @@ def test_choices_rebuilt_per_parser_still_include_int4():
     ["--saw-hadamard-block-size", "48"],
     ["--saw-hadamard-block-size", "0"],
     ["--saw-group-size", "-8"],
+    ["--saw-scale-fit", "mse"],
 ])
 def test_parser_rejects_bad_values(argv):
     with pytest.raises(SystemExit):
@@ -65,7 +67,7 @@ def test_parser_rejects_bad_values(argv):
 def test_saw_defaults_and_int4_defaults(llama):
     args = ServerArgs(model_path=llama, kv_cache_dtype="int4", attention_backend="triton", **CPU)
     assert (args.saw_rotation, args.saw_hadamard_block_size, args.saw_group_size,
-            args.saw_rotate_v) == ("hadamard", None, None, False)
+            args.saw_rotate_v, args.saw_scale_fit, args.saw_calibration) == ("hadamard", None, None, False, None, None)
     assert args.cuda_graph_config.prefill.backend == "disabled"
     assert args.post_capture_kv_sizing_planned() is False
     # no backend given -> ours (Hopper's default would be fa3)
@@ -98,6 +100,8 @@ REFUSALS = [
     (dict(attention_backend="triton", saw_group_size=4), "--saw-group-size 4: .*groups of at least 32"),
     (dict(attention_backend="triton", saw_rotation="random"), "rotation must be one of"),
     (dict(attention_backend="triton", saw_group_size=16), "groups of at least 32.*leave it unset"),
+    (dict(attention_backend="triton", saw_scale_fit="mse"), "--saw-scale-fit .mse.: must be one of minmax, lsq"),
+    (dict(attention_backend="triton", saw_calibration="k.pt"), "do not read calibrated keys yet.*Drop --saw-calibration"),
 ]
 
 

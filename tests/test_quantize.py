@@ -233,3 +233,87 @@ def test_tuning_knobs_keep_the_result(knobs, device):
     slots = written.nonzero().squeeze(1)
     assert_slots_match(other[0:2], bufs[0:2], fmt, slots, exact=exact)
     assert_slots_match(other[2:4], bufs[2:4], fmt, slots, exact=exact)
+
+
+def _affine(h, d, device, seed):
+    """A K calibration's (mul, add): per-channel scale around 1 and a shift."""
+    g = torch.Generator(device).manual_seed(seed)
+    mul = (torch.rand(h, d, generator=g, device=device) * 1.5 + 0.5).contiguous()
+    add = (torch.randn(h, d, generator=g, device=device) * 2).contiguous()
+    return mul, add
+
+
+@pytest.mark.parametrize("fit", ["lsq", "minmax"])
+@pytest.mark.parametrize("mode", ["none", "k", "kv"])
+@pytest.mark.parametrize("d, g, b", [(64, 64, None), (64, 32, None), (128, 128, None), (256, 256, 128)])
+def test_scale_fit_and_k_calibration_match_reference(d, g, b, mode, fit, device):
+    fmt = Int4KVFormat(head_dim=d, group_size=g, block_size=b, scale_fit=fit, **MODES[mode])
+    gen = torch.Generator(device).manual_seed(d + g + len(mode) + len(fit))
+    t, h, rows = 70, 2, 160
+    k = (torch.randn(t, h, d, generator=gen, device=device) * 3 + 2).bfloat16()
+    v = torch.randn(t, h, d, generator=gen, device=device).bfloat16()
+    loc = torch.randperm(rows, generator=gen, device=device)[:t]
+    affine = _affine(h, d, device, d + g)
+    bufs = poisoned_buffers(fmt, rows, h, device)
+    refs = [x.clone() for x in bufs]
+    quantize_and_store(k, v, loc, *bufs, fmt, k_affine=affine)
+    ref.quantize_and_store_ref(k, v, loc, *refs, fmt, k_affine=affine)
+    slots = loc.long()
+    assert_slots_match(bufs[0:2], refs[0:2], fmt, slots, exact=False)
+    assert_slots_match(bufs[2:4], refs[2:4], fmt, slots, exact=False)
+    # the calibration is K's alone: V is written as without it
+    plain = poisoned_buffers(fmt, rows, h, device)
+    quantize_and_store(k, v, loc, *plain, fmt)
+    assert torch.equal(plain[2], bufs[2]) and torch.equal(plain[3], bufs[3])
+    assert not torch.equal(plain[1][slots], bufs[1][slots])
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+def test_lsq_never_worse_than_minmax(rotated):
+    """The least-squares pair for the min-max codes has at most the min-max pair's
+    squared error (up to the fp16 rounding of the pair), and less on average. Per
+    token-head: the rotation is orthonormal, so errors in the rotated groups sum to
+    the error of the head in the original basis."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(300, 4, 64, generator=gen) * torch.linspace(0.2, 3, 64)
+    x[:, :, 7] += 6  # an outlier channel
+    errs = {}
+    for fit in ("minmax", "lsq"):
+        fmt = Int4KVFormat(64, group_size=32, scale_fit=fit)
+        back = ref.dequantize_values(*ref.quantize(x, fmt, rotated), fmt, rotated)
+        errs[fit] = ((back - x.float()) ** 2).sum(-1)
+    scale = x.abs().amax(-1) * 2**-10  # fp16 rounding of the pair, per element
+    assert (errs["lsq"] <= errs["minmax"] * 1.001 + 64 * scale**2).all()
+    assert errs["lsq"].mean() < 0.97 * errs["minmax"].mean()
+
+
+@pytest.mark.parametrize("mode", ["none", "k"])
+def test_lsq_and_calibration_keep_nonfinite_and_constant_rows_finite(mode, device):
+    fmt = Int4KVFormat(64, group_size=32, scale_fit="lsq", **MODES[mode])
+    t, h, rows = 10, 2, 16
+    k = torch.randn(t, h, 64, device=device)
+    k[0, 0, 3], k[1, 0, :], k[2, 1, 5] = float("nan"), float("nan"), float("inf")
+    k[3, 1, :], k[4, 0, 9], k[5, 0, :] = float("-inf"), 1e30, 2.5
+    k[6, 1, :] = 0.0
+    k = k.bfloat16()
+    loc = torch.randperm(rows, device=device)[:t]
+    for affine in (None, _affine(h, 64, device, 3)):
+        bufs = run_and_compare(k, k.flip(0).clone(), loc, fmt, rows, exact=False, device=device)
+        if affine is not None:
+            bufs = poisoned_buffers(fmt, rows, h, device)
+            quantize_and_store(k, k, loc, *bufs, fmt, k_affine=affine)
+        for sc in (bufs[1], bufs[3]):
+            assert torch.isfinite(sc[loc.long()].float()).all()
+        if affine is None and mode == "none":  # constant row: (scale 0, min = value)
+            assert bufs[1][loc[5], 0, :, 0].eq(0).all() and bufs[1][loc[5], 0, :, 1].eq(2.5).all()
+
+
+def test_k_calibration_is_checked():
+    fmt = Int4KVFormat(head_dim=64)
+    bufs = fmt.alloc(8, 2) + fmt.alloc(8, 2)
+    x = torch.randn(3, 2, 64, dtype=torch.bfloat16)
+    mul, add = _affine(2, 64, "cpu", 0)
+    with pytest.raises(ValueError, match="k_affine mul must be a contiguous fp32"):
+        quantize_and_store(x, x, torch.arange(3), *bufs, fmt, k_affine=(mul.double(), add))
+    with pytest.raises(ValueError, match="k_affine add"):
+        quantize_and_store(x, x, torch.arange(3), *bufs, fmt, k_affine=(mul, add[:1]))

@@ -18,26 +18,22 @@ import sys
 from pathlib import Path
 
 from saw_sglang.bench.server import ManagedServer, reserve_port, wait_all_healthy
+from saw_sglang.kv_modes import parse
 
 STOCK = "{python} -m sglang.launch_server"
-OURS = "{python} -m saw_sglang.launch_server --kv-cache-dtype int4"
-# label -> launcher + KV args; a label starting with bf16 is the eval's reference.
-MODES = {
-    "bf16": STOCK,
-    "fp8": STOCK + " --kv-cache-dtype fp8_e4m3",
-    "int4-naive": OURS + " --saw-rotation none",
-    "int4": OURS,
-    "int4-kv": OURS + " --saw-rotate-v",
-}
+OURS = "{python} -m saw_sglang.launch_server"
+# Modes in the shared grammar (saw_sglang.kv_modes), each also the server's label; bf16
+# is the eval's reference. int4:scale-fit=minmax is the write before least squares.
+MODES = ["bf16", "fp8", "int4:rotation=none:scale-fit=minmax", "int4:scale-fit=minmax", "int4", "int4:rotate-v"]
 SHARED = "--mem-fraction-static 0.85 --max-total-tokens 100000 --disable-piecewise-cuda-graph"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="Hugging Face model folder")
-    p.add_argument("--modes", default=",".join(MODES), help="comma list from: " + ", ".join(MODES))
+    p.add_argument("--modes", default=",".join(MODES), help="comma list of modes (saw_sglang.kv_modes)")
     p.add_argument("--attention-backend", default="flashinfer")
-    p.add_argument("--tokens", type=int, default=2048, help="scored tokens (eval --tokens)")
+    p.add_argument("--tokens", type=int, default=512, help="scored tokens per text (eval --tokens)")
     p.add_argument("--ctx", type=int, default=256, help="window length (eval --ctx)")
     p.add_argument("--server-step", type=int, default=1)
     p.add_argument("--start-timeout", type=float, default=600)
@@ -49,7 +45,9 @@ def main(argv=None) -> int:
     servers = {}
     for label in a.modes.split(","):
         port = reserve_port()
-        cmd = shlex.split(MODES[label].replace("{python}", py)) + [
+        spec = parse(label)
+        launcher = (STOCK if spec.stock else OURS).replace("{python}", py)
+        cmd = shlex.split(launcher) + spec.server_args() + [
             "--model-path", a.model, "--port", str(port), "--attention-backend", a.attention_backend,
         ] + shlex.split(SHARED)
         servers[label] = ManagedServer(cmd, "127.0.0.1", port, str(out / f"server-{label}.log"),
@@ -61,6 +59,7 @@ def main(argv=None) -> int:
         print("servers up: " + ", ".join(f"{k} {v:.0f} s" for k, v in waits.items()), flush=True)
         cmd = [sys.executable, "-m", "saw_sglang.eval", "--model", a.model, "--device", "cuda",
                "--tokens", str(a.tokens), "--ctx", str(a.ctx), "--server-step", str(a.server_step),
+               "--modes", ",".join(m for m in a.modes.split(",") if parse(m).servable),
                "--out", str(out)]
         for label, srv in servers.items():
             cmd += ["--server", f"{label}={srv.url}"]

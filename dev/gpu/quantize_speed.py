@@ -3,7 +3,9 @@
     python dev/gpu/quantize_speed.py [--sweep]
 
 Prints microseconds per layer write (CUDA-graph timed), the achieved bandwidth and
-the rotation overhead (target: K-rotation <= 1.05x the no-rotation kernel); "K dense"
+the rotation overhead (target: K-rotation <= 1.05x the no-rotation kernel), then the
+K-rotated write with least-squares scales, with a K calibration and with both, against
+the min-max one (target <= 1.05x); "K dense"
 is the same kernel with one dense B-deep rotation dot instead of the Kronecker
 split (dot + butterflies), for comparison. --sweep, at the largest T and for each
 of --head-dims, first times the rotation's dot depth (dot_k 16..128) at the default
@@ -47,6 +49,7 @@ def main():
     hq = 4 * args.kv_heads
     print(f"{'D':>4} {'T':>6} {'bf16 store':>11} {'int4 none':>10} {'int4 K':>8} {'int4 K+V':>9} "
           f"{'K dense':>8} {'K/none':>7} {'KV/none':>8} {'Kdense/none':>12} {'GB/s none':>10} {'GB/s K':>8}")
+    extra = []
     for d in map(int, args.head_dims.split(",")):
         for t in map(int, args.tokens.split(",")):
             rows = max(4 * t, 4096)
@@ -69,11 +72,26 @@ def main():
             fmt = Int4KVFormat(head_dim=d)
             bufs = fmt.alloc(rows, args.kv_heads, "cuda") + fmt.alloc(rows, args.kv_heads, "cuda")
             res["dense"] = _time(lambda: _launch_quantize(k, v, loc, *bufs, fmt, dot_k=fmt.block_size))
+            # the calibrated write: K shifted (and scaled) before the rotation, with and
+            # without the least-squares (scale, min) it defaults to
+            affine = (torch.rand(args.kv_heads, d, device="cuda") + 0.5, torch.randn(args.kv_heads, d, device="cuda"))
+            for name, fit in (("cal", "minmax"), ("cal_lsq", "lsq"), ("lsq", "lsq")):
+                f = Int4KVFormat(head_dim=d, scale_fit=fit)
+                b = f.alloc(rows, args.kv_heads, "cuda") + f.alloc(rows, args.kv_heads, "cuda")
+                aff = None if name == "lsq" else affine
+                res[name] = _time(lambda: quantize_and_store(k, v, loc, *b, f, k_affine=aff))
+            extra.append(f"{d:>4} {t:>6} {res['k']:>8.2f} {res['lsq']:>8.2f} {res['cal']:>8.2f} "
+                         f"{res['cal_lsq']:>8.2f} {res['lsq'] / res['k']:>7.3f} {res['cal'] / res['k']:>7.3f} "
+                         f"{res['cal_lsq'] / res['k']:>9.3f}")
             moved = 2 * t * args.kv_heads * (2 * d + fmt.bytes_per_token_head)  # read + write
             print(f"{d:>4} {t:>6} {res['bf16']:>11.2f} {res['none']:>10.2f} {res['k']:>8.2f} "
                   f"{res['kv']:>9.2f} {res['dense']:>8.2f} {res['k'] / res['none']:>7.3f} "
                   f"{res['kv'] / res['none']:>8.3f} {res['dense'] / res['none']:>12.3f} "
                   f"{moved / res['none'] / 1e3:>10.0f} {moved / res['k'] / 1e3:>8.0f}")
+    print(f"\nK rotated: min-max vs least squares (lsq), K calibration (cal), both (cal_lsq); "
+          f"target <= 1.05x the min-max write\n{'D':>4} {'T':>6} {'K':>8} {'K lsq':>8} {'K cal':>8} "
+          f"{'cal+lsq':>8} {'lsq/K':>7} {'cal/K':>7} {'calLsq/K':>9}")
+    print("\n".join(extra))
     if args.sweep:
         _sweep(hq, args.kv_heads, int(args.tokens.split(",")[-1]), map(int, args.head_dims.split(",")))
 

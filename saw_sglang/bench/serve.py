@@ -2,7 +2,8 @@
 
     python -m saw_sglang.bench serve --model-path /path/to/model [--budget]
 
-For each KV mode (bf16, fp8 = stock SGLang, int4-naive and saw-int4 = ours) it
+For each KV mode (bf16, fp8 = stock SGLang; int4[:options] = ours, the grammar of
+saw_sglang.kv_modes, e.g. int4:rotation=none:scale-fit=minmax for naive INT4) it
 starts the server, waits for /health, runs `sglang.bench_serving` (random-ids,
 fixed lengths) at every (scenario, concurrency) point, stops the server (the
 whole process group, also on Ctrl-C, errors or a failed start) and goes on.
@@ -21,6 +22,7 @@ import os
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
@@ -29,23 +31,34 @@ from saw_sglang.bench import profile as prof
 from saw_sglang.bench.capture import ProfileCapture
 from saw_sglang.bench.server import ManagedServer, ServerStartError, kill_group, kv_capacity, reserve_port
 from saw_sglang.cli import Parser
+from saw_sglang.kv_modes import GRAMMAR
+from saw_sglang.kv_modes import parse as parse_mode
 
 STOCK = "stock"
 OURS = "saw"
 
-# name -> (launcher, server args). Flag names of ours follow saw_sglang.launch_server;
-# override with --mode-args NAME="..." if they differ.
-MODES: Dict[str, tuple] = {
-    "bf16": (STOCK, "--kv-cache-dtype bf16"),
-    "fp8": (STOCK, "--kv-cache-dtype fp8_e4m3"),
-    "int4-naive": (OURS, "--kv-cache-dtype int4 --saw-rotation none"),
-    "saw-int4": (OURS, "--kv-cache-dtype int4"),
-}
+NAIVE = "int4:rotation=none:scale-fit=minmax"
+
+
+def mode_launch(mode: str) -> tuple:
+    """A mode (saw_sglang.kv_modes grammar) -> (launcher, server args); ValueError if bad.
+    Override the args with --mode-args NAME="..." if they differ."""
+    spec = parse_mode(mode)
+    return (STOCK if spec.stock else OURS), " ".join(spec.server_args())
+
+
+# The default sweep, in table order: name -> (launcher, server args).
+MODES: Dict[str, tuple] = {m: mode_launch(m) for m in ("bf16", "fp8", NAIVE, "int4")}
 DEFAULT_SCENARIOS = ["short:256:1024:32,64,128,256:4", "long:16384:1024:8,16,32,64,128:1"]
-# --budget: about 20 min of H200 time (Qwen3-8B shape, 4 modes; run 7: 3 modes, 1x prompts, 848 s).
+# --budget: about 20 min of H200 time (Qwen3-8B shape, 4 modes; 3 modes at 1x prompts took 848 s).
 BUDGET_SCENARIOS = ["short:256:1024:32,128:2", "long:16384:1024:64:1"]
 # Ratios printed per point: (numerator mode, denominator mode).
-RATIOS = [("saw-int4", "bf16"), ("saw-int4", "int4-naive")]
+RATIOS = [("int4", "bf16"), ("int4", NAIVE)]
+
+
+def _rank(mode: str) -> int:
+    """Table order: the default sweep's, then other modes."""
+    return list(MODES).index(mode) if mode in MODES else len(MODES)
 
 
 @dataclass
@@ -105,19 +118,25 @@ class Sweep:
     servers: Dict[str, dict] = field(default_factory=dict)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, and the mode grammar in the epilog kept as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="python -m saw_sglang.bench serve",
         description=__doc__.split("\n\n")[0] + " Throughput, TTFT and ITL per KV mode and concurrency.",
-        epilog=("Scenarios: NAME:IN:OUT:C1,C2,...[:K] runs num_prompts = max(--min-prompts, K x C) "
+        epilog=textwrap.fill("Scenarios: NAME:IN:OUT:C1,C2,...[:K] runs num_prompts = max(--min-prompts, K x C) "
                 "at each concurrency C. Defaults: " + " ".join(DEFAULT_SCENARIOS) + ". "
                 "--budget uses " + " ".join(BUDGET_SCENARIOS) + " (2x concurrency prompts for short, "
                 "1x for long, 3 points instead of 9) and adds --disable-piecewise-cuda-graph: "
                 "about 20 min on one H200 for the 4 modes with a Qwen3-8B-shaped dummy model "
-                "(1-3 min per server start, one start per mode)."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                "(1-3 min per server start, one start per mode).", 88)
+        + "\n\n" + GRAMMAR.split("simulation only")[0],
+        formatter_class=_HelpFormatter)
     p.add_argument("--model-path", required=True)
-    p.add_argument("--modes", default=",".join(MODES), help="comma list from: " + ", ".join(MODES))
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="comma list of modes (grammar below; default: " + ",".join(MODES) + ")")
     p.add_argument("--scenario", action="append", type=Scenario.parse, metavar="SPEC",
                    help="repeatable; replaces the default scenarios")
     p.add_argument("--budget", action="store_true", help="the trimmed ~20 min sweep (see below)")
@@ -136,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-piecewise-cuda-graph", action="store_true")
     p.add_argument("--server-args", default="", help="extra args for every server (one string)")
     p.add_argument("--mode-args", action="append", default=[], metavar="NAME=ARGS",
-                   help="replace a mode's KV args, e.g. int4-naive='--kv-cache-dtype int4 --saw-rotation none'")
+                   help="replace a mode's KV args (ARGS start with --), e.g. "
+                        "int4='--kv-cache-dtype int4 --saw-scale-fit minmax'")
     p.add_argument("--stock-launcher", default="{python} -m sglang.launch_server")
     p.add_argument("--saw-launcher", default="{python} -m saw_sglang.launch_server")
     p.add_argument("--bench-cmd", default="{python} -m sglang.bench_serving",
@@ -167,8 +187,9 @@ def _fmt_cmd(template: str) -> List[str]:
 
 
 def server_cmd(args, mode: str, port: int) -> List[str]:
-    launcher, kv_args = MODES[mode]
-    overrides = dict(m.split("=", 1) for m in args.mode_args)
+    launcher, kv_args = mode_launch(mode)
+    # NAME=ARGS where NAME may hold '=' itself (int4:rotation=none): ARGS start with --
+    overrides = {m.partition("=--")[0]: "--" + m.partition("=--")[2] for m in args.mode_args}
     kv_args = overrides.get(mode, kv_args)
     cmd = _fmt_cmd(args.saw_launcher if launcher == OURS else args.stock_launcher)
     cmd += ["--model-path", args.model_path, "--host", args.host, "--port", str(port),
@@ -248,9 +269,11 @@ def fill_point(pt: Point, res: dict) -> None:
 
 def plan(args) -> List[tuple]:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad:
-        raise SystemExit(f"unknown mode(s) {bad}; choose from {list(MODES)}")
+    for m in modes:
+        try:
+            mode_launch(m)
+        except ValueError as e:
+            raise SystemExit(f"--modes: {e}") from None
     scenarios = args.scenario or [Scenario.parse(s) for s in
                                   (BUDGET_SCENARIOS if args.budget else DEFAULT_SCENARIOS)]
     todo = [(m, sc, c) for m in modes for sc in scenarios for c in sc.concurrencies]
@@ -395,7 +418,7 @@ def table(points: List[Point]) -> str:
     head = ["scenario", "conc", "mode", "KV tok", "done", "out tok/s", "TTFT ms (p90)",
             "ITL ms (p90)"] + [f"{n}/{d}" for n, d in RATIOS]
     rows = []
-    for p in sorted(points, key=lambda p: (p.scenario, p.concurrency, list(MODES).index(p.mode))):
+    for p in sorted(points, key=lambda p: (p.scenario, p.concurrency, _rank(p.mode))):
         r = [p.scenario, str(p.concurrency), p.mode, str(p.kv_tokens or "-"),
              f"{p.completed}/{p.num_prompts}" if p.completed is not None else f"-/{p.num_prompts}"]
         if p.output_tok_s is None:
@@ -424,7 +447,7 @@ def plot(points: List[Point], path: str) -> Optional[str]:
         return None
     fig, axes = plt.subplots(1, len(scen), figsize=(5.5 * len(scen), 4), squeeze=False)
     for ax, s in zip(axes[0], scen):
-        for mode in MODES:
+        for mode in sorted({p.mode for p in points}, key=_rank):
             pts = sorted((p.concurrency, p.output_tok_s) for p in points
                          if p.scenario == s and p.mode == mode and p.output_tok_s)
             if pts:
@@ -444,7 +467,7 @@ def plot(points: List[Point], path: str) -> Optional[str]:
 def profile_rows(points: List[Point]) -> List[tuple]:
     """(mode, point label, Breakdown) of each profiled point that produced one."""
     rows = []
-    for p in sorted(points, key=lambda p: (p.scenario, p.concurrency, list(MODES).index(p.mode))):
+    for p in sorted(points, key=lambda p: (p.scenario, p.concurrency, _rank(p.mode))):
         if p.profile and p.profile.get("breakdown"):
             label = f"{p.scenario} c{p.concurrency}"
             if p.profile.get("running_reqs") not in (None, p.concurrency):

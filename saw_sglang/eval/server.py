@@ -89,11 +89,10 @@ def score(url: str, windows: list[list[int]], step: int, ref_tops: list | None =
 
     with ThreadPoolExecutor(max(1, concurrency)) as pool:
         results = list(pool.map(one, windows))
-    tally = Tally(kl=float("nan"))
+    tally = Tally()
     all_tops = []
     for lps, tops in results:
-        tally.nll -= sum(lps)
-        tally.n += len(lps)
+        tally.add_window(-sum(lps), len(lps))
         all_tops.append(tops)
     if ref_tops is not None:
         add_agreement(tally, all_tops, ref_tops)
@@ -102,7 +101,7 @@ def score(url: str, windows: list[list[int]], step: int, ref_tops: list | None =
 
 def add_agreement(tally: Tally, tops: list, ref_tops: list) -> None:
     """Top-1 agreement of `tops` with `ref_tops` (per window, positions with both)."""
-    for a, b in zip(tops, ref_tops):
+    for i, (a, b) in enumerate(zip(tops, ref_tops)):
         pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
-        tally.agree += sum(x == y for x, y in pairs)
-        tally.agree_n += len(pairs)
+        tally.agree[i] = sum(x == y for x, y in pairs)
+        tally.agree_n[i] = len(pairs)
