@@ -106,8 +106,10 @@ def test_head_groups_and_impl_choice():
     assert [head_group(h, 4) for h in (1, 2, 3, 8, 32, 6)] == [1, 2, 1, 4, 4, 2]
     fmt = make_case([4], 8, 2, 64, seed=1)["fmt"]
     assert decode_impl("cpu", fmt, 4) == "triton"  # the tensor-core kernel needs CUDA
-    # the split count a preallocating caller plans is the one decode_attention uses
-    assert plan_splits(3, 2, fmt, "cpu", 5000, 8) == plan_splits(3, 2, fmt, "cpu", 5000, 8, "triton")
+    # the policy counts programs: 4 KV-head warps per tensor-core program, one head per
+    # portable program (so the tensor-core plan has 4x fewer programs to fill the GPU with)
+    assert plan_splits(1, 8, fmt, "cpu", None, 32, "mma", waves=2) == choose_num_splits(2, 132, 2)
+    assert plan_splits(1, 8, fmt, "cpu", None, 32, "triton", waves=2) == choose_num_splits(8, 132, 2)
     with pytest.raises(ValueError, match="unknown triton decode knob"):
         decode_attention(**make_case([8], 8, 2, 64, seed=1), sm_scale=0.1, stages=3)
     with pytest.raises(ValueError, match="impl"):
