@@ -52,6 +52,13 @@ class KCalibration:
         add = -self.mean[layer] * mul
         return mul.to(device).contiguous(), add.to(device).contiguous()
 
+    def read_side(self, layer: int, device=None):
+        """(mean, scale) fp32 [kv_heads, head_dim] of a layer for the readers, each None
+        when it is the identity (a zero mean, a unit scale): nothing to do for it."""
+        mean, scale = self.mean[layer], self.scale[layer]
+        return (None if not mean.any() else mean.to(device).contiguous(),
+                None if bool((scale == 1).all()) else scale.to(device).contiguous())
+
     def heads(self, start: int, count: int) -> "KCalibration":
         """The KV heads [start, start + count) (one tensor-parallel rank's share)."""
         if start < 0 or start + count > self.shape[1]:

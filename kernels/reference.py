@@ -120,10 +120,11 @@ def quantize_and_store_ref(k, v, loc, k_data, k_scales, v_data, v_scales, fmt: I
     v_data[loc], v_scales[loc] = vd, vs
 
 
-def dequantize_ref(data, scales, loc, fmt: Int4KVFormat, rotated: bool, dtype=torch.bfloat16):
-    """Slots -> [T, H, D] values in the original basis."""
+def dequantize_ref(data, scales, loc, fmt: Int4KVFormat, rotated: bool, dtype=torch.bfloat16, out=None):
+    """Slots -> [T, H, D] values in the original basis (un-rotated when `rotated`)."""
     loc = loc.long()
-    return dequantize_values(data[loc], scales[loc], fmt, rotated).to(dtype)
+    x = dequantize_values(data[loc], scales[loc], fmt, rotated)
+    return x.to(dtype) if out is None else out.copy_(x)
 
 
 def token_slots(kv_indptr, kv_indices, kv_lens, b: int, page_size: int) -> torch.Tensor:

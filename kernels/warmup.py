@@ -36,14 +36,16 @@ def compiled_variants() -> int:
 
 
 def warm_up(fmt: Int4KVFormat, num_q_heads: int, num_kv_heads: int, k_data, k_scales, v_data, v_scales,
-            page_size: int = 1, dtype=torch.bfloat16, logit_cap: float = 0.0):
-    """Launch the write, dequantise, prefix and decode kernels once (rows of slot 0)."""
+            page_size: int = 1, dtype=torch.bfloat16, logit_cap: float = 0.0, k_affine=None):
+    """Launch the write, dequantise, prefix and decode kernels once (rows of slot 0).
+    k_affine: a K calibration's (mul, add) of one layer, when the server has one (its
+    write is a variant of its own)."""
     dev = k_data.device
     d = fmt.head_dim
     x = torch.zeros(1, num_kv_heads, d, dtype=dtype, device=dev)
     slot0 = torch.zeros(1, dtype=torch.int64, device=dev)
-    quantize.quantize_and_store(x, x, slot0, k_data, k_scales, v_data, v_scales, fmt)
-    quantize.dequantize(k_data, k_scales, slot0, fmt, fmt.k_rotated, dtype)
+    quantize.quantize_and_store(x, x, slot0, k_data, k_scales, v_data, v_scales, fmt, k_affine=k_affine)
+    quantize.dequantize(k_data, k_scales, slot0, fmt, False, dtype)  # the through-pool extend's
     q = torch.zeros(1, num_q_heads, d, dtype=dtype, device=dev)
     one = torch.ones(1, dtype=torch.int32, device=dev)
     indptr = torch.tensor([0, 1], dtype=torch.int32, device=dev)

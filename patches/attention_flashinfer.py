@@ -7,8 +7,9 @@ decode wrapper is never planned on the INT4 pool and the pool is never dequantis
 
 Extend: write the new chunk, then (up to int4_attention.DEQUANT_MAX_TOKENS tokens of
 prefix + chunk in the batch) dequantise every request's prefix and chunk from the pool
-into BF16 and attend them in one causal pass of FlashInfer's ragged prefill wrapper, so a
-prompt sees the same quantised values on a radix-cache miss as on a hit. Larger batches
+into a BF16 workspace (in their stored basis, the query rotated to match) and attend
+them in one causal pass of FlashInfer's ragged prefill wrapper, so a prompt sees the
+same quantised values on a radix-cache miss as on a hit. Larger batches
 attend the chunk causally on its fresh BF16 k/v (ragged wrapper, with lse), the cached
 INT4 prefix with our prefix kernel, and merge with FlashInfer's merge_state (base-2 lse:
 ours is converted).
@@ -60,6 +61,8 @@ def _build_class():
             self.int4_device = model_runner.device
             self.int4_graph = None
             self.forward_metadata = None
+            self.int4_pool_read = ia.pool_read_workspace(self.int4_num_kv_heads, mc.head_dim,
+                                                         model_runner.dtype, model_runner.device)
             logger.info("INT4 KV: flashinfer backend uses SAW-INT4 kernels (%s)", fmt.describe())
             ia.warm_up_kernels(model_runner, model_runner.token_to_kv_pool, self.int4_num_q_heads,
                                self.int4_num_kv_heads)
@@ -88,7 +91,7 @@ def _build_class():
             prefix = rows = None
             kv_indptr = qo_indptr
             total = fb.seq_lens_sum
-            if total is not None and total <= ia.DEQUANT_MAX_TOKENS:
+            if ia.through_pool_fits(self.int4_pool_read, total):
                 # prefix + chunk through the pool (a prompt attends the same quantised values
                 # on a radix miss as on a hit): their token slots (req_to_token holds token
                 # slots at any page size) and one causal pass over them
@@ -158,7 +161,8 @@ def _build_class():
                 return ia.extend_through_pool(
                     q, self.token_to_kv_pool, layer, m.rows,
                     lambda q3, k3, v3: ragged.forward(q3.contiguous(), k3, v3, causal=True,
-                                                      sm_scale=layer.scaling, logits_soft_cap=cap))
+                                                      sm_scale=layer.scaling, logits_soft_cap=cap),
+                    self.int4_pool_read)
 
             def new_chunk(q3, k3, v3, need_lse):
                 call = ragged.forward_return_lse if need_lse else ragged.forward

@@ -7,7 +7,8 @@ captured batch size and a shared split workspace.
 Decode: write the new token (pool.set_kv_buffer -> our quantize_and_store), then our
 INT4 decode kernel. Extend: write the new chunk; then (up to
 int4_attention.DEQUANT_MAX_TOKENS tokens of prefix + chunk) dequantise the prefixes and
-the chunk from the pool into BF16 and run SGLang's own Triton extend kernel over them
+the chunk from the pool into a BF16 workspace (in their stored basis, the query rotated
+to match) and run SGLang's own Triton extend kernel over them
 (prefix rows by index, the chunk as its new k/v), so a prompt sees the same quantised
 values on a radix-cache miss as on a hit. Larger batches attend the chunk causally on its
 fresh BF16 k/v (the extend kernel with `skip_prefix=True` and `lse_extend`), the cached
@@ -58,6 +59,8 @@ def _build_class():
             self.int4_head_dim = fmt.head_dim
             self.int4_graph = None
             self.int4_meta = None
+            self.int4_pool_read = ia.pool_read_workspace(self.int4_num_kv_heads, fmt.head_dim,
+                                                         model_runner.dtype, self.device)
             self._merge_state = merge_state_triton
             self._encoder_only = AttentionType.ENCODER_ONLY
             self._KVWriteLoc = KVWriteLoc
@@ -84,7 +87,8 @@ def _build_class():
                                has_prefix=has_prefix)
             n_prefix = sum(prefix_cpu) if prefix_cpu is not None else None
             n_new = forward_batch.extend_num_tokens
-            if n_prefix is not None and n_new is not None and n_prefix + n_new <= ia.DEQUANT_MAX_TOKENS:
+            if n_prefix is not None and n_new is not None and ia.through_pool_fits(
+                    self.int4_pool_read, n_prefix + n_new):
                 # prefix + chunk through the pool (see int4_attention.DEQUANT_MAX_TOKENS):
                 # rows = prefix slots then chunk slots; the extend kernel reads the prefix
                 # part by index and the chunk part as its "new" k/v
@@ -156,7 +160,8 @@ def _build_class():
                     )
                     return o
 
-                return ia.extend_through_pool(q, self.token_to_kv_pool, layer, m.rows, attend)
+                return ia.extend_through_pool(q, self.token_to_kv_pool, layer, m.rows, attend,
+                                              self.int4_pool_read)
 
             def new_chunk(q3, k3, v3, need_lse):
                 k3, v3 = k3.contiguous(), v3.contiguous()

@@ -7,8 +7,11 @@ Pool contract: SGLang's MHATokenToKVPool with our quant method;
 `pool.quant_method.fmt` is the Int4KVFormat. Writes go through `pool.set_kv_buffer`.
 
 Our kernels take un-rotated q and return un-rotated outputs (the rotation lives
-inside them), so q is passed as is. The new chunk of an extend attends the fresh
-BF16 k/v (never rotated); only the cached prefix comes from the INT4 pool.
+inside them), so q is passed as is, multiplied by the K calibration's scale when the
+server has one (`--saw-calibration`; the mean needs no query change, only the prefix
+log-sum-exp is shifted before a merge). An extend either reads prefix and chunk back
+from the pool (`extend_through_pool`) or attends the chunk on its fresh BF16 k/v and
+the cached prefix through the prefix kernel (`extend_forward`).
 """
 
 from __future__ import annotations
@@ -68,9 +71,11 @@ def warm_up_kernels(runner, pool, num_q_heads: int, num_kv_heads: int) -> None:
     dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     before = compiled_variants()
     t0 = time.perf_counter()
+    k_affine = getattr(pool.quant_method, "k_affine", lambda buf: None)(k_data)
     for cap in sorted(caps):
         warm_up(pool_format(pool), num_q_heads, num_kv_heads, k_data, k_scales, v_data, v_scales,
-                page_size=int(getattr(runner, "page_size", 1) or 1), dtype=dtype, logit_cap=cap)
+                page_size=int(getattr(runner, "page_size", 1) or 1), dtype=dtype, logit_cap=cap,
+                k_affine=k_affine)
     logger.info("INT4 KV: %d kernel variants compiled at startup in %.1f s",
                 compiled_variants() - before, time.perf_counter() - t0)
 
@@ -316,7 +321,9 @@ def decode_forward(q, pool, layer, m: Int4Meta, out=None):
     fmt = pool_format(pool)
     check_layer(layer, fmt)
     k_data, v_data, k_scales, v_scales = pool.get_raw_kv_buffer(layer.layer_id)
-    q3 = q.reshape(-1, layer.tp_q_head_num, layer.head_dim)
+    # a calibrated K: q . k' = (q * scale) . (k - mean) / scale, and the mean moves every
+    # score of a query alike (softmax ignores it)
+    q3 = fold_query(q.reshape(-1, layer.tp_q_head_num, layer.head_dim), k_calibration(pool, layer)[1])
     o3 = None if out is None else out.view(-1, layer.tp_q_head_num, layer.head_dim)
     kwargs = {}
     if m.workspace is not None:
@@ -333,25 +340,48 @@ def decode_forward(q, pool, layer, m: Int4Meta, out=None):
 
 
 # An extend whose cached prefix and new chunk together hold at most this many tokens is
-# attended through the pool: both are dequantised into the query dtype and attended in
-# one causal pass by the backend's own BF16 prefill, the chunk read back after its write,
-# so a prompt attends the same quantised values whether its prefix was a radix-cache hit
-# or was just computed. Larger batches use the prefix kernel and attend their chunk on
-# the fresh k/v. Off (0) by default: on the H200 the dequantise kernel (kernels/quantize.py,
-# an fp32 rotation written for tests and fallbacks) took 7-28 ms per layer for 8k-66k
-# rows (docs/prefix.md), far more than the attention it feeds; raise the bound once that
-# kernel runs at memory speed (e.g. rotate q instead of un-rotating K).
-DEQUANT_MAX_TOKENS = 0
+# attended through the pool: the rows are dequantised (in their stored, rotated basis:
+# kernels/pool_read.py) into a BF16 workspace allocated at startup and attended in one
+# causal pass by the backend's own BF16 prefill, the chunk read back after its write, so
+# a prompt attends the same quantised values whether its prefix was a radix-cache hit or
+# was just computed. Larger batches use the prefix kernel and attend their chunk on the
+# fresh k/v. The workspace is also capped in bytes (K + V rows in the model dtype).
+DEQUANT_MAX_TOKENS = 65536
+DEQUANT_WORKSPACE_MIB = 256
 
 
-def dequantize_rows(pool, layer, slots: torch.Tensor, dtype):
-    """Token slots -> (k, v) [N, H, D] in `dtype` (the queries'), original basis, slot order."""
-    fmt = pool_format(pool)
-    k_data, v_data, k_scales, v_scales = pool.get_raw_kv_buffer(layer.layer_id)
-    deq = dequantize_kernel()
-    k = deq(k_data, k_scales, slots, fmt, fmt.k_rotated, dtype)
-    v = deq(v_data, v_scales, slots, fmt, fmt.v_rotated, dtype)
-    return k, v
+def pool_read_workspace(num_kv_heads: int, head_dim: int, dtype, device):
+    """The through-pool workspace of one backend (None when the bound is 0)."""
+    from saw_sglang.kernels.pool_read import PoolReadWorkspace
+
+    rows = min(DEQUANT_MAX_TOKENS,
+               PoolReadWorkspace.rows_for(DEQUANT_WORKSPACE_MIB << 20, num_kv_heads, head_dim, dtype))
+    if rows <= 0:
+        return None
+    ws = PoolReadWorkspace(rows, num_kv_heads, head_dim, dtype, device)
+    logger.info("INT4 KV: extends of up to %d prefix + chunk tokens attend through the pool "
+                "(BF16 workspace %.0f MiB)", rows, 2 * ws.k.numel() * ws.k.element_size() / 2**20)
+    return ws
+
+
+def through_pool_fits(ws, total) -> bool:
+    return ws is not None and total is not None and ws.fits(int(total))
+
+
+def k_calibration(pool, layer):
+    """(mean, scale) of the layer's K calibration on the pool's device, each None when it
+    is the identity (no file, or a mean-only / scale-only file)."""
+    read = getattr(pool.quant_method, "read_calibration", None)
+    return read(layer.layer_id) if read is not None else (None, None)
+
+
+def fold_query(q3, scale):
+    """q [N, Hq, D] times the layer's K calibration scale (identity when None)."""
+    if scale is None:
+        return q3
+    from saw_sglang.kernels.calibration import fold_query as fold
+
+    return fold(q3, scale)
 
 
 def attends_through_pool(m: Int4Meta, save_kv_cache: bool, encoder_only: bool) -> bool:
@@ -368,24 +398,37 @@ def attends_through_pool(m: Int4Meta, save_kv_cache: bool, encoder_only: bool) -
     return True
 
 
-def extend_through_pool(q, pool, layer, slots: torch.Tensor, attend: Callable):
+def extend_through_pool(q, pool, layer, slots: torch.Tensor, attend: Callable, workspace):
     """Extend attention over dequantised pool rows: attend(q3, k, v) -> o [N, Hq, D]."""
+    from saw_sglang.kernels.pool_read import attend_through_pool
+
     fmt = pool_format(pool)
     check_layer(layer, fmt)
     hq, d = layer.tp_q_head_num, layer.head_dim
-    k, v = dequantize_rows(pool, layer, slots, q.dtype)
-    return attend(q.reshape(-1, hq, d), k, v).reshape(-1, hq * d)
+    k_data, v_data, k_scales, v_scales = pool.get_raw_kv_buffer(layer.layer_id)
+    _, scale = k_calibration(pool, layer)
+    o = attend_through_pool(q.reshape(-1, hq, d), k_data, k_scales, v_data, v_scales, slots, fmt,
+                            attend, workspace, k_scale=scale, dequantize=dequantize_kernel())
+    return o.reshape(-1, hq * d)
 
 
 def prefix_forward(q3, qo_indptr, pool, layer, kv: KVIndex, max_q_len=None):
     """New queries over their cached INT4 prefixes -> (o q.dtype, lse natural log)."""
     fmt = pool_format(pool)
     k_data, v_data, k_scales, v_scales = pool.get_raw_kv_buffer(layer.layer_id)
-    return prefix_kernel()(
-        q3, qo_indptr, k_data, k_scales, v_data, v_scales, kv.kv_indptr, kv.kv_indices,
-        kv.kv_lens, fmt, layer.scaling, page_size=kv.page_size,
+    mean, scale = k_calibration(pool, layer)
+    o, lse = prefix_kernel()(
+        fold_query(q3, scale), qo_indptr, k_data, k_scales, v_data, v_scales, kv.kv_indptr,
+        kv.kv_indices, kv.kv_lens, fmt, layer.scaling, page_size=kv.page_size,
         logit_cap=float(layer.logit_cap or 0.0), max_q_len=max_q_len,
     )
+    if mean is not None:
+        # scores over calibrated keys are short of sm_scale * q . mean: the lse is merged
+        # with the fresh chunk's, which is not
+        from saw_sglang.kernels.calibration import lse_shift
+
+        lse = lse + lse_shift(q3, mean, layer.scaling)
+    return o, lse
 
 
 def extend_forward(

@@ -91,6 +91,12 @@ def rank_calibration(path, model_config):
     from saw_sglang.kernels.calibration import KCalibration
 
     cal = KCalibration.load(path)
+    text_config = getattr(model_config, "hf_text_config", None)
+    cap = float(getattr(text_config, "attn_logit_softcapping", None) or 0.0)
+    if cap > 0:
+        logger.warning("--saw-calibration: the model has an attention logit soft-cap, under which "
+                       "the K mean shift is not exact; its scale is kept, its mean is not")
+        cal = cal.for_logit_cap(cap)
     par = get_parallel()
     start, count = rank_heads(model_config.get_total_num_kv_heads(), par.attn_tp_size, par.attn_tp_rank)
     return cal.heads(start, count)

@@ -54,10 +54,16 @@ class SawInt4KVCacheMethod(KVCacheQuantMethodBase):
         self.SCALE_BLOCK_SIZE = fmt.group_size
         self._quantize_and_store = self._dequantize = None
         self._affine = {}  # k_buffer data_ptr -> (mul, add) of that layer
+        self._read = {}  # model layer -> (mean, scale) for the readers, None where identity
 
     def k_affine(self, k_buffer):
         """The write-side K calibration of the layer owning k_buffer (None without)."""
         return self._affine.get(k_buffer.data_ptr()) if self.calibration is not None else None
+
+    def read_calibration(self, layer_id: int):
+        """(mean, scale) [H, D] fp32 of model layer `layer_id` for the attention readers,
+        each None when it changes nothing (no calibration, or a mean- or scale-only one)."""
+        return self._read.get(layer_id, (None, None))
 
     def _kernels(self, device):
         if self._quantize_and_store is None:
@@ -85,6 +91,8 @@ class SawInt4KVCacheMethod(KVCacheQuantMethodBase):
             # the write is per layer: key the layer's (mul, add) by its buffer
             self._affine = {buf.data_ptr(): cal.write_affine(self.start_layer + i, device)
                             for i, buf in enumerate(k_buffers)}
+            self._read = {layer: cal.read_side(layer, device)
+                          for layer in range(self.start_layer, self.start_layer + layer_num)}
         return {
             "k_buffer": k_buffers,
             "v_buffer": new(f.data_shape(size, head_num), torch.uint8),

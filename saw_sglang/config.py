@@ -19,10 +19,6 @@ from saw_sglang.kernels.format import MIN_SERVED_GROUP, SERVED_HEAD_DIMS
 KV_CACHE_DTYPE = "int4"
 SUPPORTED_BACKENDS = ("flashinfer", "triton")  # the attention backends with INT4 kernels
 DEFAULT_BACKEND = "flashinfer"
-# The INT4 attention backends read calibrated keys (q folded with the calibration's
-# scale, the prefix log-sum-exp shifted by its mean: kernels/calibration.py). Until
-# they do, --saw-calibration is refused at startup (the write alone would be wrong).
-K_CALIBRATION_SERVED = False
 
 
 @dataclass(frozen=True)
@@ -146,10 +142,6 @@ def check_flags(cfg: SawConfig, model_path=None, backends: dict | None = None) -
     if cfg.saw_scale_fit is not None and cfg.saw_scale_fit not in SCALE_FITS:
         raise ValueError(f"--saw-scale-fit {cfg.saw_scale_fit!r}: must be one of {', '.join(SCALE_FITS)}, "
                          "or leave it unset.")
-    if cfg.saw_calibration is not None and not K_CALIBRATION_SERVED:
-        raise ValueError(f"--saw-calibration {cfg.saw_calibration}: this build's INT4 attention kernels "
-                         "do not read calibrated keys yet (the write kernel and the accuracy tool do). "
-                         "Drop --saw-calibration.")
     if cfg.saw_calibration is not None and not os.path.isfile(str(cfg.saw_calibration)):
         raise ValueError(f"--saw-calibration {cfg.saw_calibration}: no such file; make one with "
                          "python -m saw_sglang.calibrate --model MODEL --out FILE.")

@@ -28,8 +28,13 @@ LN2 = math.log(2.0)
 class FakeInt4Pool:
     """Just the pool contract the backends use (the real pool is built elsewhere)."""
 
-    def __init__(self, rows, heads, fmt, layers=1):
-        self.quant_method = NS(fmt=fmt, resolve_attention_access=lambda *a, **k: None)
+    def __init__(self, rows, heads, fmt, layers=1, calibration=None):
+        """calibration: a KCalibration the write applies to K and the readers undo
+        (`read_calibration`, as the real quant method offers it)."""
+        self.calibration = calibration
+        read = None if calibration is None else (lambda layer: calibration.read_side(layer))
+        self.quant_method = NS(fmt=fmt, resolve_attention_access=lambda *a, **k: None,
+                               read_calibration=read)
         self.bufs = []
         for _ in range(layers):
             kd, ks = fmt.alloc(rows, heads)
@@ -49,19 +54,24 @@ class FakeInt4Pool:
         if loc.numel() == 0:
             return
         kd, vd, ks, vs = self.bufs[layer.layer_id]
+        cal = self.calibration
         ref.quantize_and_store_ref(k.reshape(k.shape[0], -1, self.fmt.head_dim),
                                    v.reshape(v.shape[0], -1, self.fmt.head_dim),
-                                   loc, kd, ks, vd, vs, self.fmt)
+                                   loc, kd, ks, vd, vs, self.fmt,
+                                   k_affine=None if cal is None else cal.write_affine(layer.layer_id))
         self.writes += 1
 
     def get_value_buffer(self, layer_id):  # what a packed pool would report
         return self.bufs[layer_id][1]
 
     def dequant(self, layer_id, slots):
+        """The K and V values a reader must see (a calibrated K with its calibration undone)."""
         kd, vd, ks, vs = self.bufs[layer_id]
         f = self.fmt
-        return (ref.dequantize_ref(kd, ks, slots, f, f.k_rotated, torch.float32),
-                ref.dequantize_ref(vd, vs, slots, f, f.v_rotated, torch.float32))
+        k = ref.dequantize_ref(kd, ks, slots, f, f.k_rotated, torch.float32)
+        if self.calibration is not None:
+            k = ref.uncalibrate(k, self.calibration, layer_id)
+        return k, ref.dequantize_ref(vd, vs, slots, f, f.v_rotated, torch.float32)
 
 
 def torch_merge_state(o1, s1, o2, s2, base2: bool = False):
@@ -92,9 +102,9 @@ def _decode_ref(q, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv
 def ref_kernels(monkeypatch):
     calls = {"decode": 0, "prefix": 0, "dequant": 0}
 
-    def deq(data, scales, loc, fmt, rotated, dtype=torch.bfloat16):
+    def deq(data, scales, loc, fmt, rotated, dtype=torch.bfloat16, out=None):
         calls["dequant"] += 1
-        return ref.dequantize_ref(data, scales, loc, fmt, rotated, dtype)
+        return ref.dequantize_ref(data, scales, loc, fmt, rotated, dtype, out=out)
 
     def dec(*a, **k):
         calls["decode"] += 1
@@ -481,10 +491,10 @@ def _radix(hq, hkv, d):
     return RadixAttention(num_heads=hq, head_dim=d, scaling=d ** -0.5, num_kv_heads=hkv, layer_id=0)
 
 
-def _decode_setup(gen, fmt, hq, hkv, lens, page_size, dtype):
+def _decode_setup(gen, fmt, hq, hkv, lens, page_size, dtype, calibration=None):
     d = fmt.head_dim
     r2t, rows = paged_req_to_token([n + 1 for n in lens], page_size, max(lens) + 2, gen)
-    pool = FakeInt4Pool(rows, hkv, fmt)
+    pool = FakeInt4Pool(rows, hkv, fmt, calibration=calibration)
     layer = _radix(hq, hkv, d)
     for b, n in enumerate(lens):  # cached history
         s = r2t[b + 1, :n].long()
@@ -558,13 +568,13 @@ def test_triton_backend_decode_graph_buffers(server_args, parallel, ref_kernels)
         b.init_forward_metadata_out_graph(_batch("EXTEND", batch_size=1), in_capture=True)
 
 
-def _extend_setup(gen, fmt, hq, hkv, prefix_lens, new_lens, page_size, dtype):
+def _extend_setup(gen, fmt, hq, hkv, prefix_lens, new_lens, page_size, dtype, calibration=None):
     """A pool holding random prefixes at paged slots, fresh q/k/v for the new tokens and
     the EXTEND batch that asks for them."""
     d = fmt.head_dim
     lens = [p + n for p, n in zip(prefix_lens, new_lens)]
     r2t, rows = paged_req_to_token(lens, page_size, max(lens) + 1, gen)
-    pool = FakeInt4Pool(rows, hkv, fmt)
+    pool = FakeInt4Pool(rows, hkv, fmt, calibration=calibration)
     layer = _radix(hq, hkv, d)
     slots = []
     for i, p in enumerate(prefix_lens):
@@ -731,3 +741,70 @@ def test_flashinfer_backend_extend(server_args, parallel, ref_kernels, fake_flas
     assert ref_kernels["prefix"] == (0 if through_pool else 1)
     with pytest.raises(NotImplementedError):
         b.init_forward_metadata(_batch("TARGET_VERIFY", batch_size=1))
+
+
+# ------------------------------------------------------------------------------
+# A K calibration (--saw-calibration): the readers undo it exactly
+def _calibration(gen, hkv, d, parts):
+    from saw_sglang.kernels.calibration import KCalibration
+
+    mean = 2.0 * torch.randn(1, hkv, d, generator=gen)
+    scale = torch.exp(0.3 * torch.randn(1, hkv, d, generator=gen))
+    cal = KCalibration(mean, scale if "scale" in parts else torch.ones_like(scale))
+    return cal if "mean" in parts else cal.without_mean()
+
+
+@pytest.mark.parametrize("parts", ["mean", "scale", "mean+scale"])
+@pytest.mark.parametrize("name", ["flashinfer", "triton"])
+def test_calibrated_pool_decode(server_args, parallel, ref_kernels, fake_flashinfer, name, parts):
+    """Decode over calibrated keys equals attention over the keys with the calibration
+    undone: q is folded with the scale, the mean needs nothing."""
+    import importlib
+
+    backend_class = importlib.import_module(f"saw_sglang.patches.attention_{name}").backend_class
+    gen = torch.Generator().manual_seed(len(parts) + len(name))
+    hq, hkv, d = 4, 2, 64
+    fmt = Int4KVFormat(d)
+    cal = _calibration(gen, hkv, d, parts)
+    r2t, pool, layer, q, k, v, fb, seq_lens = _decode_setup(gen, fmt, hq, hkv, [9, 17, 1], 1, torch.float32,
+                                                            calibration=cal)
+    runner = _runner(pool, r2t, hq, hkv, d, 1, r2t.shape[1], server_args)
+    runner.dtype = torch.float32
+    b = backend_class()(runner)
+    b.init_forward_metadata(fb)
+    out = b.forward_decode(q, k, v, layer, fb)
+    qo = torch.arange(len(seq_lens) + 1)
+    seq = [r2t[i + 1, : int(n)].long() for i, n in enumerate(seq_lens)]
+    want = pool_reference(q.view(-1, hq, d), pool, 0, seq, qo, layer.scaling)
+    torch.testing.assert_close(out.view_as(want), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("through_pool", [True, False])
+@pytest.mark.parametrize("parts", ["mean", "mean+scale"])
+@pytest.mark.parametrize("name", ["flashinfer", "triton"])
+def test_calibrated_pool_extend(server_args, parallel, ref_kernels, fake_flashinfer, name, parts, through_pool,
+                                monkeypatch):
+    """Extend over a calibrated cache: through the pool (query folded and rotated to the
+    stored basis) and through the prefix kernel (its lse shifted by q . mean before the
+    merge with the chunk's own attention) both equal attention over the true keys."""
+    import importlib
+
+    backend_class = importlib.import_module(f"saw_sglang.patches.attention_{name}").backend_class
+    monkeypatch.setattr(ia, "DEQUANT_MAX_TOKENS", 1 << 16 if through_pool else 0)
+    gen = torch.Generator().manual_seed(3 * len(parts) + through_pool)
+    hq, hkv, d = 4, 2, 64
+    fmt = Int4KVFormat(d, rotate_v=through_pool)
+    cal = _calibration(gen, hkv, d, parts)
+    prefix_lens, new_lens = [7, 0, 12], [3, 4, 2]
+    dtype = torch.float32 if name == "flashinfer" else torch.float16
+    r2t, pool, layer, slots, q, k, v, out_loc, fb = _extend_setup(gen, fmt, hq, hkv, prefix_lens, new_lens, 1,
+                                                                  dtype, calibration=cal)
+    runner = _runner(pool, r2t, hq, hkv, d, 1, r2t.shape[1], server_args)
+    runner.dtype = dtype
+    b = backend_class()(runner)
+    b.init_forward_metadata(fb)
+    out = b.forward_extend(q, k, v, layer, fb)
+    want = _expected_extend(through_pool, r2t, pool, layer, slots, q, k, v, prefix_lens, new_lens, hq, hkv, d)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float().view_as(want), want, atol=tol, rtol=tol)
+    assert ref_kernels["prefix"] == (0 if through_pool else 1)

@@ -57,7 +57,7 @@ LAUNCH = "saw_sglang.launch_server"
     (["--attention-backend", "fa3"], ["fa3 attention backend", "--attention-backend flashinfer"]),
     (["--saw-rotation", "foo"], ["--saw-rotation", "'foo'", "hadamard", "(see --help)"]),
     (["--saw-hadamard-block-size", "48"], ["power of two", "(see --help)"]),
-    (["--saw-calibration", "k.pt"], ["--saw-calibration k.pt", "do not read calibrated keys yet"]),
+    (["--saw-calibration", "k.pt"], ["--saw-calibration k.pt", "no such file", "saw_sglang.calibrate"]),
     (["--saw-scale-fit", "mse"], ["--saw-scale-fit", "'mse'", "lsq"]),
 ])
 def test_launch_server_refuses_before_sglang_loads(flags, fragments):

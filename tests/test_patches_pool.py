@@ -213,6 +213,15 @@ def test_k_calibration_write_and_fallback_read():
         err = (back_k.float() - k.float()).norm(dim=-1)
         bound = (ks[loc][..., 0].float().amax(-1) * 64**0.5) * cal.scale[2 + layer_id].max()
         assert (err <= bound + 1e-2).all()
+        # the readers' factors, by model layer
+        mean, scale = pool.quant_method.read_calibration(2 + layer_id)
+        assert torch.equal(mean, cal.mean[2 + layer_id]) and torch.equal(scale, cal.scale[2 + layer_id])
+    assert pool.quant_method.read_calibration(0) == (None, None)  # not this stage's layer
+    shift_only = SawInt4KVCacheMethod(fmt, cal.without_scale(), start_layer=2)
+    MHATokenToKVPool(size=8, page_size=1, dtype=torch.uint8, head_num=2, head_dim=64, layer_num=2,
+                     device="cpu", enable_memory_saver=False, quant_method=shift_only)
+    mean, scale = shift_only.read_calibration(3)
+    assert scale is None and torch.equal(mean, cal.mean[3])
     with pytest.raises(ValueError, match="does not fit this pool"):
         MHATokenToKVPool(size=8, page_size=1, dtype=torch.uint8, head_num=3, head_dim=64, layer_num=2,
                          device="cpu", enable_memory_saver=False, quant_method=SawInt4KVCacheMethod(fmt, cal))
@@ -222,3 +231,24 @@ def test_rank_heads_follow_sglang_layout():
     assert [kv_pool.rank_heads(8, 2, r) for r in range(2)] == [(0, 4), (4, 4)]
     assert [kv_pool.rank_heads(3, 6, r) for r in range(6)] == [(0, 1), (0, 1), (1, 1), (1, 1), (2, 1), (2, 1)]
     assert kv_pool.rank_heads(3, 1, 0) == (0, 3)
+
+
+@pytest.mark.parametrize("cap", [0.0, 50.0])
+def test_rank_calibration_slices_heads_and_drops_the_mean_under_a_soft_cap(tmp_path, monkeypatch, cap):
+    """Each attention-TP rank gets its KV heads of the file; a model with an attention
+    logit soft-cap keeps the scale (exact) but not the mean (not exact under tanh)."""
+    from types import SimpleNamespace as NS
+
+    import sglang.srt.runtime_context as rc
+
+    from saw_sglang.kernels.calibration import KCalibration
+
+    g = torch.Generator().manual_seed(4)
+    cal = KCalibration(torch.randn(2, 4, 64, generator=g), torch.rand(2, 4, 64, generator=g) + 0.5)
+    path = tmp_path / "k.pt"
+    cal.save(path)
+    mc = NS(get_total_num_kv_heads=lambda: 4, hf_text_config=NS(attn_logit_softcapping=cap or None))
+    monkeypatch.setattr(rc, "get_parallel", lambda: NS(attn_tp_size=2, attn_tp_rank=1))
+    got = kv_pool.rank_calibration(str(path), mc)
+    assert torch.equal(got.scale, cal.scale[:, 2:4])
+    assert torch.equal(got.mean, torch.zeros_like(cal.mean[:, 2:4]) if cap else cal.mean[:, 2:4])

@@ -101,7 +101,7 @@ REFUSALS = [
     (dict(attention_backend="triton", saw_rotation="random"), "rotation must be one of"),
     (dict(attention_backend="triton", saw_group_size=16), "groups of at least 32.*leave it unset"),
     (dict(attention_backend="triton", saw_scale_fit="mse"), "--saw-scale-fit .mse.: must be one of minmax, lsq"),
-    (dict(attention_backend="triton", saw_calibration="k.pt"), "do not read calibrated keys yet.*Drop --saw-calibration"),
+    (dict(attention_backend="triton", saw_calibration="no-such-k.pt"), "no such file; make one with python -m saw_sglang.calibrate"),
 ]
 
 

@@ -87,11 +87,14 @@ def decode_table(rows):
 
 
 def extend_table(rows):
-    lines = ["| prefix + new x requests | SAW-INT4 ms (dequant + attend) | BF16 ms | INT4 vs BF16 |",
-             "|---|---:|---:|---:|"]
+    lines = ["| prefix + new x requests | through the pool ms (of it dequant) | prefix kernel + merge ms "
+             "| BF16 ms | through the pool vs BF16 | prefix kernel vs BF16 |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['prefix']} + {r['new']} x {r['reqs']} | {r['int4_ms']:.4f} ({r['dequant_ms']:.4f} + "
-                     f"{r['attend_ms']:.4f}) | {r['bf16_ms']:.4f} | {fmt_x(r['bf16_ms'], r['int4_ms'])} |")
+        split = r.get("prefix_kernel_ms")
+        lines.append(f"| {r['prefix']} + {r['new']} x {r['reqs']} | {r['int4_ms']:.4f} ({r['dequant_ms']:.4f}) "
+                     f"| {_ms(split)} | {r['bf16_ms']:.4f} | {fmt_x(r['bf16_ms'], r['int4_ms'])} "
+                     f"| {'-' if split is None else fmt_x(r['bf16_ms'], split)} |")
     return "\n".join(lines)
 
 
@@ -296,15 +299,24 @@ def bench_decode(rows):
 
 
 def bench_extend(hq=32, hkv=8, d=128):
-    """A chunk of `new` tokens over `prefix` cached tokens per request: dequantise prefix
-    and chunk from the INT4 pool + FlashInfer ragged prefill, vs the same ragged prefill
-    over BF16 K/V (SGLang's BF16 path also reads its prefix from a paged pool)."""
+    """A chunk of `new` tokens over `prefix` cached tokens per request, the two INT4
+    designs side by side with FlashInfer's BF16 ragged prefill over the same rows
+    (SGLang's BF16 path also reads its prefix from a paged pool):
+    (a) through the pool, as served: dequantise prefix and chunk in their stored basis
+        into a workspace, rotate q, one causal ragged prefill (kernels.pool_read);
+    (b) the chunk causally on its fresh BF16 k/v (ragged prefill with lse), the prefix
+        through our prefix kernel, merged with FlashInfer's merge_state."""
     import flashinfer
     import torch
+    from saw_sglang.kernels.pool_read import PoolReadWorkspace, attend_through_pool
+    from saw_sglang.kernels.prefix import prefix_attention
     from saw_sglang.kernels.quantize import dequantize
     gen = torch.Generator(device="cuda").manual_seed(3)
     pools = Pools(max((p + n) * r for p, n, r in EXTEND_SHAPES) + 4096, hkv, d, gen)
     fmt = pools.fmt
+    sm = d ** -0.5
+    ws_fi = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    ws_chunk = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     results = []
     for prefix, new, reqs in _progress(EXTEND_SHAPES, "extend"):
         total = (prefix + new) * reqs
@@ -312,27 +324,43 @@ def bench_extend(hq=32, hkv=8, d=128):
         q = torch.randn(new * reqs, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
         qo = torch.arange(reqs + 1, device="cuda", dtype=torch.int32) * new
         kvo = torch.arange(reqs + 1, device="cuda", dtype=torch.int32) * (prefix + new)
-        ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-        w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD")
+        w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws_fi, "NHD")
         w.plan(qo, kvo, hq, hkv, d, causal=True, q_data_type=torch.bfloat16)
         k16, v16 = pools.k16[slots], pools.v16[slots]
-        kbuf = torch.empty(total, hkv, d, device="cuda", dtype=torch.bfloat16)
-        vbuf = torch.empty_like(kbuf)
+        ws = PoolReadWorkspace(total, hkv, d, torch.bfloat16, "cuda")
         out = torch.empty_like(q)
 
-        def dq():
-            dequantize(pools.kd, pools.ks, slots, fmt, fmt.k_rotated, out=kbuf)
-            dequantize(pools.vd, pools.vs, slots, fmt, fmt.v_rotated, out=vbuf)
+        def through_pool():
+            return attend_through_pool(q, pools.kd, pools.ks, pools.vd, pools.vs, slots, fmt,
+                                       lambda q3, k, v: w.run(q3, k, v, out=out), ws)
 
-        def attend(k, v):
-            return lambda: w.run(q, k, v, out=out)
+        def dq():
+            dequantize(pools.kd, pools.ks, slots, fmt, False, out=ws.k[:total])
+            dequantize(pools.vd, pools.vs, slots, fmt, False, out=ws.v[:total])
+        pool_ms = time_fns([through_pool])
         dq_ms = time_fns([dq])
-        att_ms = time_fns([attend(kbuf, vbuf)])
-        int4_ms = time_fns([lambda: (dq(), w.run(q, kbuf, vbuf, out=out))])
-        bf16_ms = time_fns([attend(k16, v16)])
-        results.append(dict(prefix=prefix, new=new, reqs=reqs, hq=hq, hkv=hkv, d=d, int4_ms=int4_ms,
-                            dequant_ms=dq_ms, attend_ms=att_ms, bf16_ms=bf16_ms))
-        del k16, v16, kbuf, vbuf
+        bf16_ms = time_fns([lambda: w.run(q, k16, v16, out=out)])
+        split_ms = None
+        if prefix:  # (b): chunk on fresh k/v + prefix kernel + merge
+            chunk = torch.cat([torch.arange(i * (prefix + new) + prefix, (i + 1) * (prefix + new))
+                               for i in range(reqs)]).cuda()
+            kc, vc = k16[chunk], v16[chunk]
+            wc = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws_chunk, "NHD")
+            wc.plan(qo, qo, hq, hkv, d, causal=True, q_data_type=torch.bfloat16)
+            pre_slots = slots.view(reqs, prefix + new)[:, :prefix].reshape(-1).to(torch.int32)
+            pind = torch.arange(reqs + 1, device="cuda", dtype=torch.int32) * prefix
+            plen = torch.full((reqs,), prefix, device="cuda", dtype=torch.int32)
+
+            def split():
+                o1, s1 = wc.run(q, kc, vc, return_lse=True)
+                o2, s2 = prefix_attention(q, qo, pools.kd, pools.ks, pools.vd, pools.vs, pind, pre_slots,
+                                          plen, fmt, sm, max_q_len=new)
+                return flashinfer.merge_state(o1, s1, o2.to(o1.dtype), s2 / math.log(2.0))
+            split_ms = time_fns([split])
+            del kc, vc
+        results.append(dict(prefix=prefix, new=new, reqs=reqs, hq=hq, hkv=hkv, d=d, int4_ms=pool_ms,
+                            dequant_ms=dq_ms, prefix_kernel_ms=split_ms, bf16_ms=bf16_ms))
+        del k16, v16, ws
     return results
 
 

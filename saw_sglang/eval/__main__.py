@@ -23,7 +23,6 @@ import torch
 from tqdm import tqdm
 
 from saw_sglang.cli import Parser, fail
-from saw_sglang.config import K_CALIBRATION_SERVED
 from saw_sglang.kernels.calibration import KCalibration
 from saw_sglang.kv_modes import GRAMMAR, parse, parse_list
 
@@ -232,8 +231,7 @@ def main(argv=None) -> int:
         ppl = {t: {m: results[t][m].metrics()["ppl"] for m in (BF16, NAIVE)} for t in results}
         print("Share of naive INT4's perplexity gap closed (%, ± bootstrap std over windows):\n")
         print(report.gap_markdown(table, {r["spec"]: r for r in rows}, ppl) + "\n")
-        served = lambda s: s.kind == "int4" and not s.sim and (  # noqa: E731
-            "saw_calibration" not in dict(s.saw) or K_CALIBRATION_SERVED)
+        served = lambda s: s.kind == "int4" and not s.sim  # noqa: E731
         flags = lambda s: " ".join(parse(s.text.replace("calibration=auto", f"calibration={cal_path}"))  # noqa: E731
                                    .server_args())
         line = recommend(table, {r["spec"]: r for r in rows}, args.model, served, flags)

@@ -1,0 +1,81 @@
+"""Attention over INT4 pool rows read back as BF16: the through-pool extend.
+
+A chunk whose prefix and own tokens are read back from the pool attends exactly the
+values every later reader sees. The rows are dequantised *in the stored basis*: the
+Hadamard rotation (and a K calibration) stay in the keys, and the query is brought to
+that basis instead (q' = (q * scale) H_B, so q'.k' = q.k - q.mean: softmax ignores the
+constant). Un-rotating every key would cost B MACs per element; rotating the queries
+costs the same per query row, and a chunk has far fewer queries than prefix + chunk
+rows. With rotated V the output comes back rotated (P V H = O H) and is rotated once.
+
+`PoolReadWorkspace` holds the BF16 rows, allocated once at startup so that a step
+never allocates them and an oversized batch is refused by size, not by an OOM.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import torch
+
+from .format import Int4KVFormat, hadamard
+from .quantize import dequantize
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_on(block_size: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    return hadamard(block_size, dtype, device)
+
+
+def rotate_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """x . H_B over the last dim (block-diagonal normalised Hadamard, self-inverse), in
+    x's dtype: one batched matmul with fp32 accumulation."""
+    d = x.shape[-1]
+    h = _hadamard_on(block_size, x.dtype, str(x.device))
+    return (x.reshape(-1, d // block_size, block_size) @ h).reshape(x.shape)
+
+
+def stored_basis_query(q: torch.Tensor, fmt: Int4KVFormat,
+                       k_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q [N, Hq, D] -> the query for keys read back in their stored basis: multiplied by
+    the K calibration's scale [Hkv, D] if any, then rotated if K is."""
+    if k_scale is not None:
+        hq, hkv = q.shape[-2], k_scale.shape[0]
+        q = (q.float() * k_scale.repeat_interleave(hq // hkv, dim=0)).to(q.dtype)
+    return rotate_blocks(q, fmt.block_size) if fmt.k_rotated else q
+
+
+class PoolReadWorkspace:
+    """BF16 (or FP16) K and V rows [max_rows, H, D] that extends dequantise into."""
+
+    def __init__(self, max_rows: int, num_kv_heads: int, head_dim: int, dtype, device):
+        self.max_rows = int(max_rows)
+        self.k = torch.empty(self.max_rows, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+
+    @staticmethod
+    def rows_for(budget_bytes: int, num_kv_heads: int, head_dim: int, dtype=torch.bfloat16) -> int:
+        """How many rows (K and V) fit in `budget_bytes`."""
+        per_row = 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        return max(0, int(budget_bytes) // per_row)
+
+    def fits(self, rows: int) -> bool:
+        return 0 < rows <= self.max_rows
+
+
+def attend_through_pool(q: torch.Tensor, k_data, k_scales, v_data, v_scales, slots: torch.Tensor,
+                        fmt: Int4KVFormat, attend: Callable, workspace: PoolReadWorkspace,
+                        k_scale: Optional[torch.Tensor] = None, dequantize=dequantize) -> torch.Tensor:
+    """q [N, Hq, D] over the pool rows `slots` (in the order `attend` expects them):
+    attend(q', k_rows, v_rows) -> o [N, Hq, D] is the caller's BF16 attention (causal,
+    its own sm_scale and soft-cap); returns o in the original basis. k_scale: the
+    layer's K calibration scale [Hkv, D] (its mean needs nothing here: every key
+    attended carries it)."""
+    n = slots.numel()
+    if n > workspace.max_rows:
+        raise ValueError(f"{n} rows exceed the through-pool workspace ({workspace.max_rows})")
+    k = dequantize(k_data, k_scales, slots, fmt, False, out=workspace.k[:n])
+    v = dequantize(v_data, v_scales, slots, fmt, False, out=workspace.v[:n])
+    o = attend(stored_basis_query(q, fmt, k_scale), k, v)
+    return rotate_blocks(o, fmt.block_size) if fmt.v_rotated else o
