@@ -23,6 +23,7 @@ import os
 
 from sglang.srt.server_args import ServerArgs
 
+from saw_sglang.calibrate import AUTO, auto_calibration
 from saw_sglang.config import (
     DEFAULT_BACKEND,
     KV_CACHE_DTYPE,
@@ -226,14 +227,16 @@ def validate(args) -> None:
         model_config = args.get_model_config()
         check_model(model_config)
         served_format(args, model_config.head_dim)
+        if args.saw_calibration == AUTO:  # made (or found) here, before any worker starts
+            args.override("--saw-calibration auto",
+                          saw_calibration=auto_calibration(args.model_path, args.context_length))
         if args.saw_calibration:
             check_calibration(args.saw_calibration, model_config)
     check_features(args)
 
 
 def check_calibration(path, model_config) -> None:
-    """--saw-calibration: a file for this model (config.check_flags refused it already
-    where the attention kernels do not read calibrated keys)."""
+    """--saw-calibration: a readable calibration file of this model's shape."""
     from saw_sglang.kernels.calibration import KCalibration
 
     cal = KCalibration.load(path)

@@ -5,16 +5,65 @@ positions spread over its context and writes, per layer, KV head and channel, th
 mean of K (and with --with-scale the scale that balances K against the queries;
 kernels/calibration.py, saw_sglang/eval/calibrate.py). The accuracy tool measures what it buys
 (`python -m saw_sglang.eval --modes bf16,int4,int4:calibration=FILE`); the server
-takes it as --saw-calibration FILE once its attention kernels read calibrated keys.
+takes it as --saw-calibration FILE. `--saw-calibration auto` runs this tool once per
+model at server start (`auto_calibration`) and reuses the file after that.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+AUTO = "auto"
+CACHE_ENV = "SAW_SGLANG_CACHE_DIR"
+
+
+def auto_path(model_path: str, context: int | None = None) -> Path:
+    """Where `--saw-calibration auto` keeps a model's file: $SAW_SGLANG_CACHE_DIR (default
+    ~/.cache/saw_sglang)/k-calibration/NAME-HASH.pt, the hash over the model's path (or hub
+    name), its config.json and the context the windows are spread over."""
+    local = os.path.exists(model_path)
+    ident = os.path.abspath(model_path) if local else str(model_path)
+    h = hashlib.sha256(f"{ident}\0{context}".encode())
+    cfg = Path(ident, "config.json")
+    if local and cfg.is_file():
+        h.update(cfg.read_bytes())
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(model_path).rstrip("/")).name)[:64] or "model"
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "saw_sglang")
+    return root / "k-calibration" / f"{name}-{h.hexdigest()[:16]}.pt"
+
+
+def auto_calibration(model_path: str, context: int | None = None, device: str | None = None,
+                     run=subprocess.run) -> str:
+    """The K calibration file of a model for `--saw-calibration auto`: the cached one, or
+    one made now by this tool in a child process (which frees its memory on exit: the
+    model is loaded with transformers, on one GPU if there is one). Raises ValueError
+    naming the manual route if that fails."""
+    path = auto_path(model_path, context)
+    if path.is_file():
+        return str(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cmd = [sys.executable, "-m", "saw_sglang.calibrate", "--model", str(model_path), "--out", str(tmp),
+           "--device", device] + (["--context", str(context)] if context else [])
+    print(f"--saw-calibration auto: calibrating K of {model_path} on {device}, once (kept in {path})",
+          file=sys.stderr)
+    rc = run(cmd).returncode
+    if rc != 0 or not tmp.is_file():
+        raise ValueError(f"--saw-calibration auto: calibrating {model_path} failed (exit {rc}; its output is "
+                         f"above). Make the file with python -m saw_sglang.calibrate --model {model_path} "
+                         "--out FILE [--device cpu] and pass --saw-calibration FILE, or drop the flag.")
+    os.replace(tmp, path)
+    return str(path)
 
 
 def main(argv=None) -> int:

@@ -142,7 +142,7 @@ def check_flags(cfg: SawConfig, model_path=None, backends: dict | None = None) -
     if cfg.saw_scale_fit is not None and cfg.saw_scale_fit not in SCALE_FITS:
         raise ValueError(f"--saw-scale-fit {cfg.saw_scale_fit!r}: must be one of {', '.join(SCALE_FITS)}, "
                          "or leave it unset.")
-    if cfg.saw_calibration is not None and not os.path.isfile(str(cfg.saw_calibration)):
+    if cfg.saw_calibration not in (None, "auto") and not os.path.isfile(str(cfg.saw_calibration)):
         raise ValueError(f"--saw-calibration {cfg.saw_calibration}: no such file; make one with "
                          "python -m saw_sglang.calibrate --model MODEL --out FILE.")
     g, b = cfg.saw_group_size, cfg.saw_hadamard_block_size
@@ -214,9 +214,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "lsq with --saw-calibration, minmax without.",
     )
     g.add_argument(
-        "--saw-calibration", default=d.saw_calibration, metavar="FILE",
+        "--saw-calibration", default=d.saw_calibration, metavar="FILE|auto",
         help="A per-model K calibration (per-channel shift and scale before the rotation, "
-        "exact in attention) made by `python -m saw_sglang.calibrate`. Default: none.",
+        "exact in attention) made by `python -m saw_sglang.calibrate`; `auto` makes it at "
+        "startup, once per model (transformers loads the model on one GPU for ~a minute), "
+        "and reuses it from ~/.cache/saw_sglang (or $SAW_SGLANG_CACHE_DIR). Default: none.",
     )
 
 

@@ -7,6 +7,7 @@ A mode is `bf16`, `fp8` or `int4[:OPTION]...`. Every server option of int4 is a
     int4:rotation=none                    --kv-cache-dtype int4 --saw-rotation none
     int4:rotate-v:group-size=32           ... --saw-rotate-v --saw-group-size 32
     int4:calibration=FILE                 ... --saw-calibration FILE
+    int4:calibration=auto                 ... --saw-calibration auto (made once per model)
 
 Simulation-only options (the accuracy tool; no server has them) measure levers the
 kernels do not implement: `bf16-layers=0+1` (those layers stay BF16; `a-b` is a
@@ -40,8 +41,8 @@ Modes (comma-separated): bf16 | fp8 | int4[:OPTION]...
 int4 options = the server's --saw-* flags without the prefix (one spelling everywhere):
   rotation=hadamard|none   hadamard-block-size=N   group-size=N   rotate-v | no-rotate-v
   scale-fit=minmax|lsq     (default: lsq with a calibration, minmax without)
-  calibration=FILE         a K calibration (python -m saw_sglang.calibrate); the accuracy
-                           tool also takes calibration=auto: calibrate here
+  calibration=FILE|auto    a K calibration (python -m saw_sglang.calibrate); auto: made
+                           once per model (the server at startup, the accuracy tool here)
 simulation only (accuracy tool):
   bf16-layers=0+1 (layers 0 and 1 stay BF16; 0-3 is a range)   sink-tokens=N (first N
   tokens stay BF16)   q8 (int8 queries)   calibration-parts=mean|scale|mean+scale (which
@@ -66,14 +67,15 @@ class ModeSpec:
 
     @property
     def servable(self) -> bool:
-        """A server can run it (no simulation-only option, no in-tool calibration)."""
-        return not self.sim and dict(self.saw).get("saw_calibration") != "auto"
+        """A server can run it (no simulation-only option; `calibration=auto` a server
+        makes itself: --saw-calibration auto)."""
+        return not self.sim
 
     def server_args(self) -> list[str]:
         """SGLang / saw_sglang.launch_server flags for this mode."""
         if not self.servable:
             raise ValueError(f"mode {self.text!r} is simulation-only (options "
-                             f"{', '.join(k for k, _ in self.sim) or 'calibration=auto'}); a server "
+                             f"{', '.join(k for k, _ in self.sim)}); a server "
                              "runs bf16, fp8 or int4 with --saw-* options")
         out = ["--kv-cache-dtype", KV_CACHE_DTYPE[self.kind]]
         for name, value in self.saw:

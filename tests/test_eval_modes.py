@@ -194,8 +194,9 @@ def test_k_calibration_roundtrip_is_the_affine_reference():
     both = build("int4:calibration=auto:calibration-parts=mean+scale", 64, lambda src: cal)
     assert torch.equal(both.calibration.scale, cal.scale)
     assert parse("int4:calibration=x.pt").server_args()[-2:] == ["--saw-calibration", "x.pt"]
-    with pytest.raises(ValueError, match="simulation-only"):
-        parse("int4:calibration=auto").server_args()
+    assert parse("int4:calibration=auto").server_args()[-2:] == ["--saw-calibration", "auto"]
+    with pytest.raises(ValueError, match="simulation-only.*sink-tokens"):
+        parse("int4:sink-tokens=4").server_args()
 
 
 def test_scale_fit_defaults_to_least_squares_with_a_calibration():
