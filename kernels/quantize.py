@@ -2,7 +2,8 @@
 
 `quantize_and_store` is the per-layer cache write: one launch quantises K and V of
 all tokens and heads of a layer and scatters the packed bytes and fp16 (scale, min)
-pairs into the pool rows named by `loc`. `dequantize` reads slots back to BF16/FP16
+pairs into the pool rows named by `loc`. `dequantize` reads slots back to BF16/FP16:
+in their stored basis (the through-pool extend, kernels/pool_read.py) or rotated back
 (fallbacks, debugging, tests). Both match `reference.py` (see tests/test_quantize.py
 for the tolerances and why).
 
@@ -260,8 +261,10 @@ def _dequantize_kernel(
     data_ptr, scale_ptr, loc_ptr, out_ptr, o_st, o_sh,
     T, H, inv_sqrt_b,
     D: tl.constexpr, G: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
-    BLOCK_T: tl.constexpr, ROTATE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
+    """Rotated rows back to the original basis (fallbacks and tests; the serving read is
+    `_unpack_kernel`, in the stored basis)."""
     NG: tl.constexpr = D // G
     pid_t = tl.program_id(0)
     head = tl.program_id(1)
@@ -281,25 +284,54 @@ def _dequantize_kernel(
     s = tl.load(sp, mask=m2, other=0.0).to(tl.float32)
     mn = tl.load(sp + 1, mask=m2, other=0.0).to(tl.float32)
     x = code * s + mn
-    if ROTATE:
-        # fp32 FMA dot ("ieee"): dequantised values are not fp16-exact; this path is
-        # for fallbacks and tests, not the hot loop.
-        R: tl.constexpr = BLOCK_T * D // W
-        if W <= 128:
-            hm = _hadamard_pm1(W, B, tl.float32)
-            y = tl.dot(tl.reshape(x, (R, W)), hm, input_precision="ieee")
-        else:
-            # H_W = H_2 (x) H_{W/2}: one butterfly, then two dots with H_{W/2} (an fp32
-            # [256, 256] matrix would need 256 KiB of shared memory; the H200 has 227).
-            HW: tl.constexpr = W // 2
-            a, b = tl.split(tl.permute(tl.reshape(x, (R, 2, HW)), (0, 2, 1)))
-            hm = _hadamard_pm1(HW, HW, tl.float32)
-            ya = tl.dot(a + b, hm, input_precision="ieee")
-            yb = tl.dot(a - b, hm, input_precision="ieee")
-            y = tl.permute(tl.join(ya, yb), (0, 2, 1))
-        x = tl.reshape(y, (BLOCK_T, D)) * inv_sqrt_b
+    # fp32 FMA dot ("ieee"): dequantised values are not fp16-exact
+    R: tl.constexpr = BLOCK_T * D // W
+    if W <= 128:
+        hm = _hadamard_pm1(W, B, tl.float32)
+        y = tl.dot(tl.reshape(x, (R, W)), hm, input_precision="ieee")
+    else:
+        # H_W = H_2 (x) H_{W/2}: one butterfly, then two dots with H_{W/2} (an fp32
+        # [256, 256] matrix would need 256 KiB of shared memory; the H200 has 227).
+        HW: tl.constexpr = W // 2
+        a, b = tl.split(tl.permute(tl.reshape(x, (R, 2, HW)), (0, 2, 1)))
+        hm = _hadamard_pm1(HW, HW, tl.float32)
+        ya = tl.dot(a + b, hm, input_precision="ieee")
+        yb = tl.dot(a - b, hm, input_precision="ieee")
+        y = tl.permute(tl.join(ya, yb), (0, 2, 1))
+    x = tl.reshape(y, (BLOCK_T, D)) * inv_sqrt_b
     optrs = out_ptr + offs_t.to(tl.int64)[:, None] * o_st + head * o_sh + e[None, :]
     tl.store(optrs, x.to(out_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit(do_not_specialize=['T'])
+def _unpack_kernel(
+    data_ptr, scale_ptr, loc_ptr, out_ptr, o_st, o_sh, T, H,
+    D: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Stored basis (no rotation): x = code * scale + min. The tile is [tokens, groups,
+    G/2 bytes]: each byte's low nibble is channel j of its group and its high nibble
+    channel G/2 + j, so the two halves are stored as two contiguous runs per group and
+    each group's (scale, min) is loaded once, not per channel."""
+    NG: tl.constexpr = D // G
+    HB: tl.constexpr = G // 2
+    pid_t = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    slot = tl.load(loc_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+    row = (slot * H + head)[:, None, None]
+    g = tl.arange(0, NG)[None, :, None]
+    j = tl.arange(0, HB)[None, None, :]
+    m3 = mask_t[:, None, None]
+    packed = tl.load(data_ptr + row * (D // 2) + g * HB + j, mask=m3, other=0).to(tl.int32)
+    sp = scale_ptr + row * (NG * 2) + g * 2
+    s = tl.load(sp, mask=m3, other=0.0).to(tl.float32)
+    mn = tl.load(sp + 1, mask=m3, other=0.0).to(tl.float32)
+    lo = (packed & 15).to(tl.float32) * s + mn
+    hi = (packed >> 4).to(tl.float32) * s + mn
+    optrs = out_ptr + offs_t.to(tl.int64)[:, None, None] * o_st + head * o_sh + g * G + j
+    tl.store(optrs, lo.to(out_ptr.dtype.element_ty), mask=m3)
+    tl.store(optrs + HB, hi.to(out_ptr.dtype.element_ty), mask=m3)
 
 
 # ----------------------------------------------------------------------------------
@@ -406,8 +438,8 @@ def _launch_quantize(k, v, loc, k_data, k_scales, v_data, v_scales, fmt, block_t
 
 
 def dequantize(data, scales, loc, fmt: Int4KVFormat, rotated: bool, dtype=torch.bfloat16, out=None):
-    """Slots loc [T] of (data, scales) -> [T, H, D] in `dtype`, in the original basis
-    (the inverse rotation is applied when `rotated`)."""
+    """Slots loc [T] of (data, scales) -> [T, H, D] in `dtype`: the inverse rotation is
+    applied when `rotated` (original basis), else the values stay in their stored basis."""
     _check_fmt(fmt, data.shape[-1] * 2)
     t, h, d = loc.numel(), data.shape[1], fmt.head_dim
     if not (data.is_contiguous() and scales.is_contiguous()):
@@ -418,13 +450,18 @@ def dequantize(data, scales, loc, fmt: Int4KVFormat, rotated: bool, dtype=torch.
         raise ValueError(f"out must be [{t}, {h}, {d}] with a contiguous last dim")
     if t == 0:
         return out
-    c, inv_sqrt_b = _consts(fmt)
     bt = DEQUANT_BLOCK_T
+    if not rotated:
+        _unpack_kernel[(triton.cdiv(t, bt), h)](
+            data, scales, loc, out, out.stride(0), out.stride(1), t, h,
+            D=fmt.head_dim, G=fmt.group_size, BLOCK_T=bt, num_warps=4,
+        )
+        return out
+    c, inv_sqrt_b = _consts(fmt)
     _dequantize_kernel[(triton.cdiv(t, bt), h)](
         data, scales, loc, out, out.stride(0), out.stride(1),
         t, h, inv_sqrt_b,
-        BLOCK_T=bt, ROTATE=bool(rotated),
-        num_warps=4, **c,
+        BLOCK_T=bt, num_warps=4, **c,
     )
     return out
 

@@ -19,7 +19,7 @@ from .format import Int4KVFormat
 
 def _jit_functions():
     fns = [decode._decode_prep_kernel, decode._decode_merge_kernel, decode_triton._decode_split_kernel,
-           quantize._quantize_kv_kernel, quantize._dequantize_kernel, prefix._prefix_attn_kernel]
+           quantize._quantize_kv_kernel, quantize._dequantize_kernel, quantize._unpack_kernel, prefix._prefix_attn_kernel]
     try:
         from . import decode_mma
         fns.append(decode_mma.decode_split_kernel)

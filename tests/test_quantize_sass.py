@@ -30,6 +30,7 @@ from saw_sglang.kernels.quantize import (
     _block_t,
     _dequantize_kernel,
     _quantize_kv_kernel,
+    _unpack_kernel,
 )
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -76,10 +77,20 @@ def _compile_dequantize_sm90(d, g, b):
     fn = _dequantize_kernel
     sig = {"data_ptr": "*u8", "scale_ptr": "*fp16", "loc_ptr": "*i64", "out_ptr": "*bf16",
            "o_st": "i32", "o_sh": "i32", "T": "i32", "H": "i32", "inv_sqrt_b": "fp32"}
-    consts = dict(D=d, G=g, B=b, W=max(b, 16), BLOCK_T=DEQUANT_BLOCK_T, ROTATE=True)
+    consts = dict(D=d, G=g, B=b, W=max(b, 16), BLOCK_T=DEQUANT_BLOCK_T)
     aligned = [n for n in fn.arg_names if n.endswith("_ptr") or n in ("o_st", "o_sh", "T")]
     stack, smem, _ = _compile(fn, sig, consts, aligned)
     return stack, smem, []
+
+
+def _compile_unpack_sm90(d, g):
+    fn = _unpack_kernel
+    sig = {"data_ptr": "*u8", "scale_ptr": "*fp16", "loc_ptr": "*i64", "out_ptr": "*bf16",
+           "o_st": "i32", "o_sh": "i32", "T": "i32", "H": "i32"}
+    aligned = [n for n in fn.arg_names if n.endswith("_ptr") or n in ("o_st", "o_sh", "T")]
+    stack, _, sass = _compile(fn, sig, dict(D=d, G=g, BLOCK_T=DEQUANT_BLOCK_T), aligned)
+    ops = re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass, re.M)
+    return stack, len(ops), sum(op == "LDG.E.U16" for op in ops)
 
 
 def _loop_bodies(sass):
@@ -140,9 +151,24 @@ def _in_child(kind, d, g, b):
     return json.loads(out.stdout.splitlines()[-1])
 
 
+@pytest.mark.parametrize("d, g", [(128, 128), (64, 64), (128, 64), (256, 256), (64, 32)])
+def test_unpack_is_light_per_element(d, g):
+    """The serving read (stored basis): no spills, each group's (scale, min) loaded once
+    per thread and group rather than per channel, and at most 10 instructions per output
+    element and thread (the per-channel version of this read took 17-21, spilling at
+    head_dim 128 with groups of 64)."""
+    stack, n_ins, scale_loads = _in_child("unpack", d, g, 0)
+    per_elem = n_ins / (DEQUANT_BLOCK_T * d / 128)  # 128 threads per program
+    assert stack == 0, f"register spills: {stack} bytes of stack"
+    assert scale_loads <= 8 * (d // g), f"{scale_loads} 2-byte scale/min loads per thread"
+    assert per_elem <= 10, f"{per_elem:.1f} instructions per element"
+
+
 if __name__ == "__main__":
     kind, (d, g, b) = sys.argv[1], map(int, sys.argv[2:5])
-    if kind == "dequantize":
+    if kind == "unpack":
+        res = _compile_unpack_sm90(d, g)
+    elif kind == "dequantize":
         res = _compile_dequantize_sm90(d, g, b)
     elif kind.startswith("count"):  # "count[-lsq][-affine]": K rotated, V not, one variant
         res = _compile_sm90(d, g, b, rot_k=True, rot_v=False, lsq="lsq" in kind,

@@ -9,7 +9,7 @@ Ctrl-C or error):
     compared run first warms the prompts (one token each), so every run reads its
     prompt from the radix cache; the first run on the fresh server (every prompt a
     miss) must give the same outputs as the hits: an extend attends its own chunk
-    through the quantised pool (patches/int4_attention.DEQUANT_MAX_TOKENS), as a hit
+    through the quantised pool (DEQUANT_MAX_TOKENS in patches/int4_attention.py), as a hit
     reads it back;
  2. soak: mixed traffic (short, long, shared-prefix, streamed) at a concurrency
     far past the KV pool (small --max-total-tokens: requests queue and get
