@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One device call: stash the carried bundle part(s), install, warm FlashInfer's JIT in the
-# background, run the GPU tests of the decode kernels and the backends, then the kernel
-# benchmark. Output under $OUT (logs + bench JSON/CSV/PNG).
-# usage: dev/gpu/session_check.sh [BENCH_ARGS...]
+# One device call: stash the carried bundle part(s), install, warm FlashInfer's JIT (and,
+# with MODELS=1, build the test models) in the background, run the GPU tests, then the
+# kernel benchmark. Output under $OUT (logs + bench JSON/CSV/PNG).
+# usage: [GPU_TESTS="tests/gpu/a.py ..."] [MODELS=1] dev/gpu/session_check.sh [BENCH_ARGS...]
 set -o pipefail
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 dev/gpu/stash_part.sh .gpu-carry /tmp/parts > "$OUT/stash.log" 2>&1; el "stash rc=$?"
@@ -30,10 +30,15 @@ r.run(torch.randn(16, 32, 128, device="cuda", dtype=torch.bfloat16), k, k); torc
 print("ragged", time.time() - t0, flush=True)
 PY
 WARM=$!
-timeout ${T_DECODE:-240} python3 -m pytest -m gpu -q --maxfail=3 -p no:cacheprovider tests/gpu/test_decode_gpu.py > "$OUT/pytest_decode.log" 2>&1
-el "pytest decode rc=$?"; tail -n 12 "$OUT/pytest_decode.log"
-wait $WARM; el "flashinfer warm"; cat "$OUT/fi_warm.log" | tail -3
-timeout ${T_BACKENDS:-150} python3 -m pytest -m gpu -q --maxfail=3 -p no:cacheprovider tests/gpu/test_backends_gpu.py > "$OUT/pytest_backends.log" 2>&1
-el "pytest backends rc=$?"; tail -n 12 "$OUT/pytest_backends.log"
+if [ "${MODELS:-0}" = 1 ]; then dev/gpu/run_all.sh "$OUT/run" --only models > "$OUT/models.log" 2>&1 & fi
+for t in ${GPU_TESTS:-tests/gpu/test_decode_gpu.py tests/gpu/test_backends_gpu.py}; do
+  name=$(basename "$t" .py)
+  timeout ${T_TESTS:-240} python3 -m pytest -m gpu -q --maxfail=3 -p no:cacheprovider "$t" > "$OUT/$name.log" 2>&1
+  el "$name rc=$?"; tail -n 8 "$OUT/$name.log"
+  [ -n "$WARM" ] && { wait $WARM; el "flashinfer warm"; tail -3 "$OUT/fi_warm.log"; WARM=; }
+done
 timeout ${T_BENCH:-200} python3 -m saw_sglang.bench.kernels --out "$OUT/bench" "$@" > "$OUT/bench.log" 2>&1
 el "bench rc=$?"; grep -v "it/s\]" "$OUT/bench.log" | tail -n 40
+# At most 8 files come back from a device call: fold everything into one archive.
+wait
+( cd "$OUT" && tar czf /tmp/check.tgz . && find . -mindepth 1 -delete && mv /tmp/check.tgz check.tgz )
