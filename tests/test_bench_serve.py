@@ -190,15 +190,20 @@ def test_failed_and_hung_bench_points(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_mid_sweep_stops_server(tmp_path, sig):
     a, pidfile = argv(tmp_path, modes="bf16,int4", scenario=("s:16:8:2,4:1",))
-    env = dict(os.environ, FAKE_BENCH_HANG_AT="4")
+    started = tmp_path / "client-argv"  # the fake client writes its argv, then hangs at c=4
+    env = dict(os.environ, FAKE_BENCH_HANG_AT="4", FAKE_BENCH_ARGV=str(started))
+    # SIGINT back to its default in the child: a suite started in the background (`make
+    # test &`) inherits it ignored, and Python then never raises KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "saw_sglang.bench", "serve", *a], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
-    bench_log = tmp_path / "out" / "bench-bf16-s-c4.log"
-    while time.monotonic() < deadline and not bench_log.exists():
+
+    def hanging():
+        return started.exists() and '"--max-concurrency", "4"' in started.read_text()
+    while time.monotonic() < deadline and not hanging():
         time.sleep(0.2)
-    assert bench_log.exists(), "sweep never reached the hanging point"
-    time.sleep(0.5)
+    assert hanging(), "sweep never reached the hanging point"
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == (130 if sig == signal.SIGINT else 128 + sig), out

@@ -176,3 +176,16 @@ def test_server_start_failure_is_reported(tmp_path):
     rc, rep = _run(tmp_path, env={"FAKE_MODE": "exit"})
     assert rc == 1 and rep["checks"][0]["name"] == "server start"
     assert "exited with code 3" in rep["checks"][0]["detail"]
+
+
+def test_miss_vs_hit_is_held_to_the_stock_servers_agreement():
+    """6/6 passes; fewer passes only when the stock BF16 server agrees no more often, and
+    never under --strict or without a stock figure."""
+    c = lambda n: {"identical": n, "of": 6, "min_common_prefix": 3}
+    assert rel.miss_vs_hit_check(c(6), None, strict=True).ok
+    assert rel.miss_vs_hit_check(c(4), c(3), strict=False).ok
+    assert rel.miss_vs_hit_check(c(4), c(4), strict=False).ok
+    assert not rel.miss_vs_hit_check(c(3), c(4), strict=False).ok
+    assert not rel.miss_vs_hit_check(c(4), c(3), strict=True).ok
+    assert not rel.miss_vs_hit_check(c(4), None, strict=False).ok
+    assert "stock BF16 server 3/6" in rel.miss_vs_hit_check(c(4), c(3), strict=False).detail

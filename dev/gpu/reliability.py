@@ -250,7 +250,8 @@ def soak(url: str, srv, traffic: Traffic, duration: float, concurrency: int,
     """Closed-loop workers until the deadline; a monitor polls /v1/loads."""
     deadline = time.monotonic() + duration
     stats = {"requests": 0, "ok": 0, "tokens_out": 0, "errors": [], "by_kind": {},
-             "max_used_tokens": 0, "max_waiting": 0, "max_running": 0, "probe_runs": []}
+             "max_used_tokens": 0, "max_waiting": 0, "max_running": 0, "probe_runs": [],
+             "load_poll_errors": 0, "load_poll_error": ""}
     lock = threading.Lock()
     stop = threading.Event()
 
@@ -274,15 +275,17 @@ def soak(url: str, srv, traffic: Traffic, duration: float, concurrency: int,
                 stop.set()
 
     def monitor():
-        next_probe = time.monotonic() + probe_every
+        # A soak shorter than probe_every still gets one probe run, half way.
+        next_probe = time.monotonic() + min(probe_every, duration / 2)
         while not stop.is_set() and time.monotonic() < deadline:
             try:
                 ld = loads(url)
                 stats["max_used_tokens"] = max(stats["max_used_tokens"], ld.get("num_used_tokens", 0))
                 stats["max_waiting"] = max(stats["max_waiting"], ld.get("num_waiting_reqs", 0))
                 stats["max_running"] = max(stats["max_running"], ld.get("num_running_reqs", 0))
-            except Exception:
-                pass
+            except Exception as e:  # kept: maxima of 0 mean nothing if every poll failed
+                stats["load_poll_errors"] += 1
+                stats["load_poll_error"] = f"{type(e).__name__}: {e}"
             if time.monotonic() >= next_probe:
                 try:
                     stats["probe_runs"].append(compare(ref, run_probes(url, probes)))
@@ -478,6 +481,14 @@ def main_phases(args, report: dict) -> List[Check]:
     numerics_job = None
     if not args.skip_numerics:
         numerics_job = ThreadPoolExecutor(1).submit(numerics, args, probes, report)
+    stock = None
+    if not args.skip_stock_baseline:
+        # The same miss-vs-hit probes on a stock BF16 server: a hit recomputes only the last
+        # prompt token (a one-row GEMM where the miss ran an N-row one), so greedy outputs
+        # can differ there too; that is the floor an INT4 server is held to.
+        with start(args, "stock-bf16", args.stock_launcher, args.stock_args, args.model) as ssrv:
+            stock = compare(run_probes(ssrv.url, probes, cached=False), run_probes(ssrv.url, probes))
+        report["stock_miss_vs_hit"] = stock
     with start(args, "saw-int4", args.saw_launcher, args.saw_args, args.model) as srv:
         url = srv.url
         info = srv.server_info()
@@ -490,9 +501,7 @@ def main_phases(args, report: dict) -> List[Check]:
         c = compare(ref, again)
         checks.append(Check("determinism: idle, twice", c["identical"] == c["of"], f"{c['identical']}/{c['of']}"))
         c = compare(miss, ref)
-        checks.append(Check("radix miss vs hit: same greedy outputs", c["identical"] == c["of"],
-                            f"{c['identical']}/{c['of']} identical, min common prefix "
-                            f"{c['min_common_prefix']} tok"))
+        checks.append(miss_vs_hit_check(c, stock, args.strict))
 
         traffic = Traffic(TrafficMix(), seed=args.seed)
         st = soak(url, srv, traffic, args.duration, args.concurrency, probes, ref, args.probe_every)
@@ -500,7 +509,9 @@ def main_phases(args, report: dict) -> List[Check]:
         report["soak"] = {k: (v[:50] if k == "errors" else v) for k, v in st.items()}
         load = (f"{st['requests']} req in {st['seconds']} s at {args.concurrency} conc.; pool "
                 f"{base.get('max_total_num_tokens') or info.get('max_total_num_tokens')} tok, max used "
-                f"{st['max_used_tokens']}, max waiting {st['max_waiting']}, retractions {st['retractions_logged']}")
+                f"{st['max_used_tokens']}, max waiting {st['max_waiting']}, retractions {st['retractions_logged']}"
+                + (f"; {st['load_poll_errors']} load polls failed ({st['load_poll_error']})"
+                   if st["load_poll_errors"] else ""))
         checks.append(Check("soak: server alive", srv.alive(), "" if srv.alive() else srv.log_tail(5), load))
         checks.append(Check("soak: no error responses", not st["errors"] and st["ok"] > 0,
                             f"{st['ok']}/{st['requests']} ok; " + "; ".join(st["errors"][:3]), load))
@@ -564,6 +575,17 @@ def numerics(args, probes, report) -> List[Check]:
                   f"mean |dlogprob| {lp:.4f}" if lp is not None else "no common tokens")]
 
 
+def miss_vs_hit_check(int4: dict, stock: Optional[dict], strict: bool) -> Check:
+    """All probes identical passes; short of that, no fewer than the stock BF16 server's
+    (unless --strict), since a hit's one-row recompute differs from a miss there too."""
+    ok = int4["identical"] == int4["of"] or (
+        not strict and stock is not None and int4["identical"] >= stock["identical"])
+    detail = (f"{int4['identical']}/{int4['of']} identical, min common prefix {int4['min_common_prefix']} tok"
+              + ("" if stock is None else f"; stock BF16 server {stock['identical']}/{stock['of']} "
+                 f"(min common prefix {stock['min_common_prefix']} tok)"))
+    return Check("radix miss vs hit: same greedy outputs", ok, detail)
+
+
 def table(checks: List[Check]) -> str:
     w = max(len(c.name) for c in checks)
     lines = [f"{'check'.ljust(w)}  result  detail", "-" * (w + 40)]
@@ -599,6 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=100.0)
     p.add_argument("--scale-layer", type=int, default=0)
     p.add_argument("--skip-numerics", action="store_true")
+    p.add_argument("--skip-stock-baseline", action="store_true",
+                   help="do not run the miss-vs-hit probes on a stock BF16 server first")
     p.add_argument("--keep-model-copy", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--start-timeout", type=float, default=600.0)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call: stash the carried bundle part(s), install, warm FlashInfer's JIT (and,
-# with MODELS=1, build the test models) in the background, run the GPU tests, then the
+# with BUILD_MODELS=1, build the test models) in the background, run the GPU tests, then the
 # kernel benchmark. Output under $OUT (logs + bench JSON/CSV/PNG).
-# usage: [GPU_TESTS="tests/gpu/a.py ..."] [MODELS=1] dev/gpu/session_check.sh [BENCH_ARGS...]
+# usage: [GPU_TESTS="TEST_FILE ..."] [BUILD_MODELS=1] dev/gpu/session_check.sh [BENCH_ARGS...]
 set -o pipefail
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 dev/gpu/stash_part.sh .gpu-carry /tmp/parts > "$OUT/stash.log" 2>&1; el "stash rc=$?"
@@ -30,7 +30,7 @@ r.run(torch.randn(16, 32, 128, device="cuda", dtype=torch.bfloat16), k, k); torc
 print("ragged", time.time() - t0, flush=True)
 PY
 WARM=$!
-if [ "${MODELS:-0}" = 1 ]; then dev/gpu/run_all.sh "$OUT/run" --only models > "$OUT/models.log" 2>&1 & fi
+if [ "${BUILD_MODELS:-0}" = 1 ]; then dev/gpu/run_all.sh "$OUT/run" --only models > "$OUT/models.log" 2>&1 & fi
 for t in ${GPU_TESTS:-tests/gpu/test_decode_gpu.py tests/gpu/test_backends_gpu.py}; do
   name=$(basename "$t" .py)
   timeout ${T_TESTS:-240} python3 -m pytest -m gpu -q --maxfail=3 -p no:cacheprovider "$t" > "$OUT/$name.log" 2>&1
