@@ -37,13 +37,29 @@ def rotate_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def stored_basis_query(q: torch.Tensor, fmt: Int4KVFormat,
-                       k_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       k_scale: Optional[torch.Tensor] = None, rotate: bool = True) -> torch.Tensor:
     """q [N, Hq, D] -> the query for keys read back in their stored basis: multiplied by
-    the K calibration's scale [Hkv, D] if any, then rotated if K is."""
+    the K calibration's scale [Hkv, D] if any, then rotated if K is (and `rotate`: not
+    when the keys are un-rotated while they are read)."""
     if k_scale is not None:
         hq, hkv = q.shape[-2], k_scale.shape[0]
         q = (q.float() * k_scale.repeat_interleave(hq // hkv, dim=0)).to(q.dtype)
-    return rotate_blocks(q, fmt.block_size) if fmt.k_rotated else q
+    return rotate_blocks(q, fmt.block_size) if fmt.k_rotated and rotate else q
+
+
+# Rotating q moves 2 x its bytes; un-rotating K while unpacking it (`_unrotate_kernel`,
+# tensor-core rotation of the codes, for blocks inside groups) moves none extra, so it is
+# the cheaper side when a batch's queries outweigh its keys (a prefill without a prefix,
+# 4 query heads per KV head). Off until the unrotating unpack is timed on a GPU
+# (`python -m saw_sglang.bench.kernels --sections extend` times both).
+UNROTATE_K_WHEN_Q_HEAVIER = False
+
+
+def unrotate_k_pays(fmt: Int4KVFormat, q_rows: int, num_q_heads: int, k_rows: int,
+                    num_kv_heads: int) -> bool:
+    """Whether to read K back in the original basis rather than rotate q."""
+    return (fmt.k_rotated and fmt.group_size % fmt.block_size == 0
+            and q_rows * num_q_heads > k_rows * num_kv_heads)
 
 
 class PoolReadWorkspace:
@@ -66,16 +82,21 @@ class PoolReadWorkspace:
 
 def attend_through_pool(q: torch.Tensor, k_data, k_scales, v_data, v_scales, slots: torch.Tensor,
                         fmt: Int4KVFormat, attend: Callable, workspace: PoolReadWorkspace,
-                        k_scale: Optional[torch.Tensor] = None, dequantize=dequantize) -> torch.Tensor:
+                        k_scale: Optional[torch.Tensor] = None, dequantize=dequantize,
+                        unrotate_k: Optional[bool] = None) -> torch.Tensor:
     """q [N, Hq, D] over the pool rows `slots` (in the order `attend` expects them):
     attend(q', k_rows, v_rows) -> o [N, Hq, D] is the caller's BF16 attention (causal,
     its own sm_scale and soft-cap); returns o in the original basis. k_scale: the
     layer's K calibration scale [Hkv, D] (its mean needs nothing here: every key
-    attended carries it)."""
+    attended carries it). unrotate_k: read K back un-rotated instead of rotating q;
+    None decides by bytes (`unrotate_k_pays`, when UNROTATE_K_WHEN_Q_HEAVIER)."""
     n = slots.numel()
     if n > workspace.max_rows:
         raise ValueError(f"{n} rows exceed the through-pool workspace ({workspace.max_rows})")
-    k = dequantize(k_data, k_scales, slots, fmt, False, out=workspace.k[:n])
+    if unrotate_k is None:
+        unrotate_k = UNROTATE_K_WHEN_Q_HEAVIER and unrotate_k_pays(
+            fmt, q.shape[0], q.shape[1], n, k_data.shape[1])
+    k = dequantize(k_data, k_scales, slots, fmt, unrotate_k and fmt.k_rotated, out=workspace.k[:n])
     v = dequantize(v_data, v_scales, slots, fmt, False, out=workspace.v[:n])
-    o = attend(stored_basis_query(q, fmt, k_scale), k, v)
+    o = attend(stored_basis_query(q, fmt, k_scale, rotate=not unrotate_k), k, v)
     return rotate_blocks(o, fmt.block_size) if fmt.v_rotated else o

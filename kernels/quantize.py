@@ -263,8 +263,9 @@ def _dequantize_kernel(
     D: tl.constexpr, G: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    """Rotated rows back to the original basis (fallbacks and tests; the serving read is
-    `_unpack_kernel`, in the stored basis)."""
+    """Rotated rows back to the original basis where groups are smaller than the Hadamard
+    block (scales vary inside a block): fp32 FMA dots, slow; `_unrotate_kernel` serves
+    the formats whose blocks lie inside groups."""
     NG: tl.constexpr = D // G
     pid_t = tl.program_id(0)
     head = tl.program_id(1)
@@ -301,6 +302,62 @@ def _dequantize_kernel(
     x = tl.reshape(y, (BLOCK_T, D)) * inv_sqrt_b
     optrs = out_ptr + offs_t.to(tl.int64)[:, None] * o_st + head * o_sh + e[None, :]
     tl.store(optrs, x.to(out_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit(do_not_specialize=['T'])
+def _unrotate_kernel(
+    data_ptr, scale_ptr, loc_ptr, out_ptr, o_st, o_sh, T, H, inv_sqrt_b,
+    D: tl.constexpr, G: tl.constexpr, B: tl.constexpr, W: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Rotated rows back to the original basis when each Hadamard block lies inside one
+    group (G % B == 0, the default formats): a block shares one (scale, min), so
+    x H = scale * (codes H) + min * (1 H), and 1 H_B is B at the block's first channel
+    and 0 elsewhere. codes H runs on fp16 tensor cores and is exact (1024 + code and +-1
+    are fp16-exact, the sums are integers below 2^18 accumulated in fp32); the
+    rotating kernel below needs fp32 FMA dots because its input is already scaled.
+    Programs loop over token tiles so that building H in registers is paid once."""
+    NG: tl.constexpr = D // G
+    HB: tl.constexpr = G // 2
+    R: tl.constexpr = BLOCK_T * D // W
+    HW: tl.constexpr = W if W <= 128 else W // 2
+    # W = 256: H_W = H_2 (x) H_{W/2}, one exact butterfly on the codes and two half dots
+    hm = _hadamard_pm1(HW, min(B, HW), tl.float16)
+    head = tl.program_id(1)
+    g = tl.arange(0, NG)[None, :, None]
+    j = tl.arange(0, HB)[None, None, :]
+    r = tl.arange(0, G)[None, None, :]
+    for t0 in range(tl.program_id(0) * BLOCK_T, T, tl.num_programs(0) * BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < T
+        slot = tl.load(loc_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+        row = (slot * H + head)[:, None, None]
+        m3 = mask_t[:, None, None]
+        packed = tl.load(data_ptr + row * (D // 2) + g * HB + j, mask=m3, other=0).to(tl.int32)
+        # [tokens, groups, G/2] x (low, high) -> [tokens, D], channel g*G + half*G/2 + j
+        # 1024 + code as fp16 by its bits (0x6400 | code): no int-to-float conversion
+        lo = ((packed & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        hi = ((packed >> 4) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        codes = tl.join(lo, hi)
+        codes = tl.reshape(tl.permute(codes, (0, 1, 3, 2)), (BLOCK_T, D))
+        if W <= 128:
+            y = tl.dot(tl.reshape(codes, (R, W)), hm, out_dtype=tl.float32)
+        else:
+            a, b = tl.split(tl.permute(tl.reshape(codes, (R, 2, HW)), (0, 2, 1)))
+            a, b = a - 1024.0, b - 1024.0  # (1024 + c) sums would leave fp16's exact range
+            y = tl.permute(tl.join(tl.dot(a + b, hm, out_dtype=tl.float32),
+                                   tl.dot(a - b, hm, out_dtype=tl.float32)), (0, 2, 1))
+        y = tl.reshape(y, (BLOCK_T, NG, G))
+        sp = scale_ptr + row * (NG * 2) + g * 2
+        s = tl.load(sp, mask=m3, other=0.0).to(tl.float32)
+        mn = tl.load(sp + 1, mask=m3, other=0.0).to(tl.float32)
+        # (1024 + c) H = c H + 1024 (1 H): the offset lands on each block's first channel,
+        # removed while y is still an exact integer
+        first = r % B == 0
+        if W <= 128:
+            y = tl.where(first, y - 1024.0 * B, y)
+        x = (y * s + tl.where(first, mn * B, 0.0)) * inv_sqrt_b
+        optrs = out_ptr + offs_t.to(tl.int64)[:, None, None] * o_st + head * o_sh + g * G + r
+        tl.store(optrs, x.to(out_ptr.dtype.element_ty), mask=m3)
 
 
 @triton.jit(do_not_specialize=['T'])
@@ -458,6 +515,13 @@ def dequantize(data, scales, loc, fmt: Int4KVFormat, rotated: bool, dtype=torch.
         )
         return out
     c, inv_sqrt_b = _consts(fmt)
+    if fmt.group_size % fmt.block_size == 0:
+        grid_t = min(triton.cdiv(t, bt), max(1, _target_programs(data.device) // h))
+        _unrotate_kernel[(grid_t, h)](
+            data, scales, loc, out, out.stride(0), out.stride(1), t, h, inv_sqrt_b,
+            BLOCK_T=bt, num_warps=4, **c,
+        )
+        return out
     _dequantize_kernel[(triton.cdiv(t, bt), h)](
         data, scales, loc, out, out.stride(0), out.stride(1),
         t, h, inv_sqrt_b,

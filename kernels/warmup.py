@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from . import decode, decode_triton, prefix, quantize
+from . import decode, decode_triton, pool_read, prefix, quantize
 from .format import Int4KVFormat
 
 
 def _jit_functions():
     fns = [decode._decode_prep_kernel, decode._decode_merge_kernel, decode_triton._decode_split_kernel,
-           quantize._quantize_kv_kernel, quantize._dequantize_kernel, quantize._unpack_kernel, prefix._prefix_attn_kernel]
+           quantize._quantize_kv_kernel, quantize._dequantize_kernel, quantize._unpack_kernel,
+           quantize._unrotate_kernel, prefix._prefix_attn_kernel]
     try:
         from . import decode_mma
         fns.append(decode_mma.decode_split_kernel)
@@ -46,6 +47,8 @@ def warm_up(fmt: Int4KVFormat, num_q_heads: int, num_kv_heads: int, k_data, k_sc
     slot0 = torch.zeros(1, dtype=torch.int64, device=dev)
     quantize.quantize_and_store(x, x, slot0, k_data, k_scales, v_data, v_scales, fmt, k_affine=k_affine)
     quantize.dequantize(k_data, k_scales, slot0, fmt, False, dtype)  # the through-pool extend's
+    if pool_read.UNROTATE_K_WHEN_Q_HEAVIER and pool_read.unrotate_k_pays(fmt, 2, 2, 1, 1):
+        quantize.dequantize(k_data, k_scales, slot0, fmt, True, dtype)  # ... for q-heavy batches
     q = torch.zeros(1, num_q_heads, d, dtype=dtype, device=dev)
     one = torch.ones(1, dtype=torch.int32, device=dev)
     indptr = torch.tensor([0, 1], dtype=torch.int32, device=dev)

@@ -13,7 +13,7 @@ from saw_sglang.kernels import reference as ref
 from saw_sglang.kernels.calibration import KCalibration
 from saw_sglang.kernels.format import Int4KVFormat
 from saw_sglang.kernels.pool_read import (PoolReadWorkspace, attend_through_pool, rotate_blocks,
-                                          stored_basis_query)
+                                          stored_basis_query, unrotate_k_pays)
 
 
 def _attend(q, k, v, sm_scale):
@@ -40,7 +40,9 @@ def test_rotate_blocks_is_the_reference_rotation_and_self_inverse(block):
     (128, 64, 4, 4, False, 41),
 ])
 @pytest.mark.parametrize("calibrated", [False, True])
-def test_attend_through_pool_matches_attention_over_original_basis(d, g, hq, hkv, rot_v, page_rows, calibrated):
+@pytest.mark.parametrize("unrotate_k", [False, True])
+def test_attend_through_pool_matches_attention_over_original_basis(d, g, hq, hkv, rot_v, page_rows, calibrated,
+                                                                   unrotate_k):
     gen = torch.Generator().manual_seed(d + g + hq + calibrated)
     fmt = Int4KVFormat(d, group_size=g, rotate_v=rot_v)
     rows = 64
@@ -59,7 +61,7 @@ def test_attend_through_pool_matches_attention_over_original_basis(d, g, hq, hkv
     sm = d ** -0.5
     ws = PoolReadWorkspace(page_rows + 3, hkv, d, torch.float32, "cpu")
     out = attend_through_pool(q, kd, ks, vd, vs, slots, fmt, lambda q3, kk, vv: _attend(q3, kk, vv, sm), ws,
-                              k_scale=None if cal is None else cal.scale[0])
+                              k_scale=None if cal is None else cal.scale[0], unrotate_k=unrotate_k)
     k_true = ref.dequantize_ref(kd, ks, slots, fmt, fmt.k_rotated, torch.float32)
     if cal is not None:
         k_true = ref.uncalibrate(k_true, cal, 0)
@@ -104,3 +106,36 @@ def test_stored_basis_query_folds_the_scale_before_rotating():
     got = stored_basis_query(q, fmt, scale)
     torch.testing.assert_close(got, ref.rotate(q * scale.repeat_interleave(2, 0), 32), atol=1e-5, rtol=1e-5)
     assert stored_basis_query(q, Int4KVFormat(64, rotation="none")) is q
+
+
+def test_unrotate_k_pays_when_queries_outweigh_keys():
+    """By bytes: q rows x query heads against key rows x KV heads; only where a block lies
+    inside a group (the tensor-core unrotate) and K is rotated at all."""
+    fmt = Int4KVFormat(128)
+    assert unrotate_k_pays(fmt, 8192, 32, 8192, 8)          # a prefill without a prefix
+    assert not unrotate_k_pays(fmt, 128, 32, 65536, 8)      # a short suffix over a long prefix
+    assert not unrotate_k_pays(Int4KVFormat(128, group_size=64), 8192, 32, 8192, 8)
+    assert not unrotate_k_pays(Int4KVFormat(128, rotation="none"), 8192, 32, 8192, 8)
+
+
+def test_unrotated_k_reaches_attend_in_the_original_basis(monkeypatch):
+    """With the switch on and q heavier, attend gets q as it came and K un-rotated."""
+    import saw_sglang.kernels.pool_read as pr
+    fmt = Int4KVFormat(64)
+    kd, ks = fmt.alloc(16, 1)
+    vd, vs = fmt.alloc(16, 1)
+    k = torch.randn(16, 1, 64)
+    ref.quantize_and_store_ref(k, k, torch.arange(16), kd, ks, vd, vs, fmt)
+    q = torch.randn(16, 4, 64)
+    seen = {}
+
+    def attend(q3, kk, vv):
+        seen["q"], seen["k"] = q3, kk.clone()
+        return q3
+    ws = PoolReadWorkspace(16, 1, 64, torch.float32, "cpu")
+    for on, same_q in ((True, True), (False, False)):
+        monkeypatch.setattr(pr, "UNROTATE_K_WHEN_Q_HEAVIER", on)
+        attend_through_pool(q, kd, ks, vd, vs, torch.arange(16), fmt, attend, ws)
+        assert torch.equal(seen["q"], q) == same_q
+        want = ref.dequantize_ref(kd, ks, torch.arange(16), fmt, same_q, torch.float32)
+        torch.testing.assert_close(seen["k"], want, atol=1e-5, rtol=1e-5)

@@ -110,11 +110,20 @@ def test_repeated_padding_slot_does_not_corrupt_other_slots(device):
         assert torch.isfinite(sc[0].float()).all() and not sc[0].eq(-1234.0).any()
 
 
-@pytest.mark.parametrize("d, g, b", [(64, 64, 64), (128, 32, 128), (128, 128, 16), (64, 32, 8), (256, 64, 256)])
+@pytest.mark.parametrize("d, g, b", [(64, 64, 64), (128, 32, 128), (128, 128, 16), (64, 32, 8), (256, 64, 256),
+                                     (128, 128, 128), (256, 256, 256), (256, 256, 128)])
 @pytest.mark.parametrize("rotated", [False, True])
 def test_dequantize_matches_reference_on_same_bytes(d, g, b, rotated, device):
     fmt = Int4KVFormat(head_dim=d, group_size=g, block_size=b)
     check_dequantize_same_bytes(fmt, rows=70, heads=3, t=45, rotated=rotated, device=device)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_unrotate_loops_over_more_tiles_than_programs(d, device):
+    """The tensor-core unrotate runs a few programs per SM, each looping over token tiles:
+    300 tokens are 10 tiles of 32 for 2 programs per head on CPU (8 programs / 3 heads)."""
+    check_dequantize_same_bytes(Int4KVFormat(head_dim=d), rows=400, heads=3, t=300, rotated=True,
+                                device=device)
 
 
 @pytest.mark.parametrize("mode", ["none", "k", "kv"])

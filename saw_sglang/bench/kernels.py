@@ -87,13 +87,15 @@ def decode_table(rows):
 
 
 def extend_table(rows):
-    lines = ["| prefix + new x requests | through the pool ms (of it dequant) | prefix kernel + merge ms "
-             "| BF16 ms | through the pool vs BF16 | prefix kernel vs BF16 |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| prefix + new x requests | through the pool ms (of it dequant) | same, K un-rotated ms "
+             "| prefix kernel + merge ms | BF16 ms | through the pool vs BF16 | K un-rotated vs BF16 "
+             "| prefix kernel vs BF16 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        split = r.get("prefix_kernel_ms")
+        split, unrot = r.get("prefix_kernel_ms"), r.get("unrotated_k_ms")
         lines.append(f"| {r['prefix']} + {r['new']} x {r['reqs']} | {r['int4_ms']:.4f} ({r['dequant_ms']:.4f}) "
-                     f"| {_ms(split)} | {r['bf16_ms']:.4f} | {fmt_x(r['bf16_ms'], r['int4_ms'])} "
+                     f"| {_ms(unrot)} | {_ms(split)} | {r['bf16_ms']:.4f} | {fmt_x(r['bf16_ms'], r['int4_ms'])} "
+                     f"| {'-' if unrot is None else fmt_x(r['bf16_ms'], unrot)} "
                      f"| {'-' if split is None else fmt_x(r['bf16_ms'], split)} |")
     return "\n".join(lines)
 
@@ -303,7 +305,8 @@ def bench_extend(hq=32, hkv=8, d=128):
     designs side by side with FlashInfer's BF16 ragged prefill over the same rows
     (SGLang's BF16 path also reads its prefix from a paged pool):
     (a) through the pool, as served: dequantise prefix and chunk in their stored basis
-        into a workspace, rotate q, one causal ragged prefill (kernels.pool_read);
+        into a workspace, rotate q, one causal ragged prefill (kernels.pool_read); and the
+        same with K un-rotated while it is unpacked and q left as it is;
     (b) the chunk causally on its fresh BF16 k/v (ragged prefill with lse), the prefix
         through our prefix kernel, merged with FlashInfer's merge_state."""
     import flashinfer
@@ -330,14 +333,15 @@ def bench_extend(hq=32, hkv=8, d=128):
         ws = PoolReadWorkspace(total, hkv, d, torch.bfloat16, "cuda")
         out = torch.empty_like(q)
 
-        def through_pool():
+        def through_pool(unrotate_k=False):
             return attend_through_pool(q, pools.kd, pools.ks, pools.vd, pools.vs, slots, fmt,
-                                       lambda q3, k, v: w.run(q3, k, v, out=out), ws)
+                                       lambda q3, k, v: w.run(q3, k, v, out=out), ws, unrotate_k=unrotate_k)
 
         def dq():
             dequantize(pools.kd, pools.ks, slots, fmt, False, out=ws.k[:total])
             dequantize(pools.vd, pools.vs, slots, fmt, False, out=ws.v[:total])
         pool_ms = time_fns([through_pool])
+        unrot_ms = time_fns([lambda: through_pool(True)])  # pool_read.UNROTATE_K_WHEN_Q_HEAVIER's A/B
         dq_ms = time_fns([dq])
         bf16_ms = time_fns([lambda: w.run(q, k16, v16, out=out)])
         split_ms = None
@@ -359,7 +363,8 @@ def bench_extend(hq=32, hkv=8, d=128):
             split_ms = time_fns([split])
             del kc, vc
         results.append(dict(prefix=prefix, new=new, reqs=reqs, hq=hq, hkv=hkv, d=d, int4_ms=pool_ms,
-                            dequant_ms=dq_ms, prefix_kernel_ms=split_ms, bf16_ms=bf16_ms))
+                            dequant_ms=dq_ms, unrotated_k_ms=unrot_ms, prefix_kernel_ms=split_ms,
+                            bf16_ms=bf16_ms))
         del k16, v16, ws
     return results
 
