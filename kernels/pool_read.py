@@ -4,9 +4,9 @@ A chunk whose prefix and own tokens are read back from the pool attends exactly 
 values every later reader sees. The rows are dequantised *in the stored basis*: the
 Hadamard rotation (and a K calibration) stay in the keys, and the query is brought to
 that basis instead (q' = (q * scale) H_B, so q'.k' = q.k - q.mean: softmax ignores the
-constant). Un-rotating every key would cost B MACs per element; rotating the queries
-costs the same per query row, and a chunk has far fewer queries than prefix + chunk
-rows. With rotated V the output comes back rotated (P V H = O H) and is rotated once.
+constant), unless the queries outweigh the keys (a prefill without a long prefix): then
+K is un-rotated while it is unpacked and q stays as it is (`unrotate_k_pays`). With
+rotated V the output comes back rotated (P V H = O H) and is rotated once.
 
 `PoolReadWorkspace` holds the BF16 rows, allocated once at startup so that a step
 never allocates them and an oversized batch is refused by size, not by an OOM.
@@ -47,19 +47,21 @@ def stored_basis_query(q: torch.Tensor, fmt: Int4KVFormat,
     return rotate_blocks(q, fmt.block_size) if fmt.k_rotated and rotate else q
 
 
-# Rotating q moves 2 x its bytes; un-rotating K while unpacking it (`_unrotate_kernel`,
-# tensor-core rotation of the codes, for blocks inside groups) moves none extra, so it is
-# the cheaper side when a batch's queries outweigh its keys (a prefill without a prefix,
-# 4 query heads per KV head). Off until the unrotating unpack is timed on a GPU
-# (`python -m saw_sglang.bench.kernels --sections extend` times both).
-UNROTATE_K_WHEN_Q_HEAVIER = False
+# Rotating q moves 2 x its bytes (and is one more launch); un-rotating K while unpacking
+# it (`_unrotate_kernel`: the codes rotated on tensor cores, for blocks inside groups)
+# costs the unpack ~1.3-2.4x its time instead. Measured per layer on an H100 (32 query /
+# 8 KV heads, dev/gpu/unrotate_ab.py; un-rotate K / (unpack + rotate q)): 32 x 256 new
+# 0.30-0.46x, 8k new over 8k 0.45-0.63x, 2k over 16k 0.57 (D 64) / 1.13 (D 128) / 0.98
+# (D 256), 32 new over 16k 1.5-2.1x. So K is un-rotated where the queries hold at least
+# half the keys' elements.
+UNROTATE_K = True
 
 
 def unrotate_k_pays(fmt: Int4KVFormat, q_rows: int, num_q_heads: int, k_rows: int,
                     num_kv_heads: int) -> bool:
     """Whether to read K back in the original basis rather than rotate q."""
     return (fmt.k_rotated and fmt.group_size % fmt.block_size == 0
-            and q_rows * num_q_heads > k_rows * num_kv_heads)
+            and 2 * q_rows * num_q_heads >= k_rows * num_kv_heads)
 
 
 class PoolReadWorkspace:
@@ -89,12 +91,12 @@ def attend_through_pool(q: torch.Tensor, k_data, k_scales, v_data, v_scales, slo
     its own sm_scale and soft-cap); returns o in the original basis. k_scale: the
     layer's K calibration scale [Hkv, D] (its mean needs nothing here: every key
     attended carries it). unrotate_k: read K back un-rotated instead of rotating q;
-    None decides by bytes (`unrotate_k_pays`, when UNROTATE_K_WHEN_Q_HEAVIER)."""
+    None decides by size (`unrotate_k_pays`, while UNROTATE_K)."""
     n = slots.numel()
     if n > workspace.max_rows:
         raise ValueError(f"{n} rows exceed the through-pool workspace ({workspace.max_rows})")
     if unrotate_k is None:
-        unrotate_k = UNROTATE_K_WHEN_Q_HEAVIER and unrotate_k_pays(
+        unrotate_k = UNROTATE_K and unrotate_k_pays(
             fmt, q.shape[0], q.shape[1], n, k_data.shape[1])
     k = dequantize(k_data, k_scales, slots, fmt, unrotate_k and fmt.k_rotated, out=workspace.k[:n])
     v = dequantize(v_data, v_scales, slots, fmt, False, out=workspace.v[:n])

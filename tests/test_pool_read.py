@@ -109,10 +109,12 @@ def test_stored_basis_query_folds_the_scale_before_rotating():
 
 
 def test_unrotate_k_pays_when_queries_outweigh_keys():
-    """By bytes: q rows x query heads against key rows x KV heads; only where a block lies
-    inside a group (the tensor-core unrotate) and K is rotated at all."""
+    """By size: q rows x query heads at least half of key rows x KV heads; only where a
+    block lies inside a group (the tensor-core unrotate) and K is rotated at all."""
     fmt = Int4KVFormat(128)
     assert unrotate_k_pays(fmt, 8192, 32, 8192, 8)          # a prefill without a prefix
+    assert unrotate_k_pays(fmt, 8192, 32, 16384, 8)         # 8k new over 8k cached
+    assert not unrotate_k_pays(fmt, 2048, 32, 18432, 8)     # 2k over 16k (1.13x slower on an H100)
     assert not unrotate_k_pays(fmt, 128, 32, 65536, 8)      # a short suffix over a long prefix
     assert not unrotate_k_pays(Int4KVFormat(128, group_size=64), 8192, 32, 8192, 8)
     assert not unrotate_k_pays(Int4KVFormat(128, rotation="none"), 8192, 32, 8192, 8)
@@ -134,7 +136,7 @@ def test_unrotated_k_reaches_attend_in_the_original_basis(monkeypatch):
         return q3
     ws = PoolReadWorkspace(16, 1, 64, torch.float32, "cpu")
     for on, same_q in ((True, True), (False, False)):
-        monkeypatch.setattr(pr, "UNROTATE_K_WHEN_Q_HEAVIER", on)
+        monkeypatch.setattr(pr, "UNROTATE_K", on)
         attend_through_pool(q, kd, ks, vd, vs, torch.arange(16), fmt, attend, ws)
         assert torch.equal(seen["q"], q) == same_q
         want = ref.dequantize_ref(kd, ks, torch.arange(16), fmt, same_q, torch.float32)

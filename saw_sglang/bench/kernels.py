@@ -87,15 +87,15 @@ def decode_table(rows):
 
 
 def extend_table(rows):
-    lines = ["| prefix + new x requests | through the pool ms (of it dequant) | same, K un-rotated ms "
-             "| prefix kernel + merge ms | BF16 ms | through the pool vs BF16 | K un-rotated vs BF16 "
+    lines = ["| prefix + new x requests | through the pool ms (of it dequant) | served with "
+             "| the other basis ms | prefix kernel + merge ms | BF16 ms | through the pool vs BF16 "
              "| prefix kernel vs BF16 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        split, unrot = r.get("prefix_kernel_ms"), r.get("unrotated_k_ms")
+        split = r.get("prefix_kernel_ms")
         lines.append(f"| {r['prefix']} + {r['new']} x {r['reqs']} | {r['int4_ms']:.4f} ({r['dequant_ms']:.4f}) "
-                     f"| {_ms(unrot)} | {_ms(split)} | {r['bf16_ms']:.4f} | {fmt_x(r['bf16_ms'], r['int4_ms'])} "
-                     f"| {'-' if unrot is None else fmt_x(r['bf16_ms'], unrot)} "
+                     f"| {'K un-rotated' if r['k_unrotated'] else 'q rotated'} | {_ms(r['other_basis_ms'])} "
+                     f"| {_ms(split)} | {r['bf16_ms']:.4f} | {fmt_x(r['bf16_ms'], r['int4_ms'])} "
                      f"| {'-' if split is None else fmt_x(r['bf16_ms'], split)} |")
     return "\n".join(lines)
 
@@ -305,13 +305,14 @@ def bench_extend(hq=32, hkv=8, d=128):
     designs side by side with FlashInfer's BF16 ragged prefill over the same rows
     (SGLang's BF16 path also reads its prefix from a paged pool):
     (a) through the pool, as served: dequantise prefix and chunk in their stored basis
-        into a workspace, rotate q, one causal ragged prefill (kernels.pool_read); and the
-        same with K un-rotated while it is unpacked and q left as it is;
+        into a workspace, rotate q (or un-rotate K where the queries outweigh the keys), one
+        causal ragged prefill (kernels.pool_read); the other basis choice is timed beside;
     (b) the chunk causally on its fresh BF16 k/v (ragged prefill with lse), the prefix
         through our prefix kernel, merged with FlashInfer's merge_state."""
     import flashinfer
     import torch
-    from saw_sglang.kernels.pool_read import PoolReadWorkspace, attend_through_pool
+    from saw_sglang.kernels.pool_read import (UNROTATE_K, PoolReadWorkspace, attend_through_pool,
+                                              unrotate_k_pays)
     from saw_sglang.kernels.prefix import prefix_attention
     from saw_sglang.kernels.quantize import dequantize
     gen = torch.Generator(device="cuda").manual_seed(3)
@@ -333,15 +334,16 @@ def bench_extend(hq=32, hkv=8, d=128):
         ws = PoolReadWorkspace(total, hkv, d, torch.bfloat16, "cuda")
         out = torch.empty_like(q)
 
-        def through_pool(unrotate_k=False):
+        def through_pool(unrotate_k=None):  # None: as served (pool_read.unrotate_k_pays)
             return attend_through_pool(q, pools.kd, pools.ks, pools.vd, pools.vs, slots, fmt,
                                        lambda q3, k, v: w.run(q3, k, v, out=out), ws, unrotate_k=unrotate_k)
+        k_unrotated = UNROTATE_K and unrotate_k_pays(fmt, new * reqs, hq, total, hkv)
 
         def dq():
-            dequantize(pools.kd, pools.ks, slots, fmt, False, out=ws.k[:total])
+            dequantize(pools.kd, pools.ks, slots, fmt, k_unrotated, out=ws.k[:total])
             dequantize(pools.vd, pools.vs, slots, fmt, False, out=ws.v[:total])
         pool_ms = time_fns([through_pool])
-        unrot_ms = time_fns([lambda: through_pool(True)])  # pool_read.UNROTATE_K_WHEN_Q_HEAVIER's A/B
+        other_ms = time_fns([lambda: through_pool(not k_unrotated)])  # the choice's A/B
         dq_ms = time_fns([dq])
         bf16_ms = time_fns([lambda: w.run(q, k16, v16, out=out)])
         split_ms = None
@@ -363,8 +365,8 @@ def bench_extend(hq=32, hkv=8, d=128):
             split_ms = time_fns([split])
             del kc, vc
         results.append(dict(prefix=prefix, new=new, reqs=reqs, hq=hq, hkv=hkv, d=d, int4_ms=pool_ms,
-                            dequant_ms=dq_ms, unrotated_k_ms=unrot_ms, prefix_kernel_ms=split_ms,
-                            bf16_ms=bf16_ms))
+                            dequant_ms=dq_ms, k_unrotated=k_unrotated, other_basis_ms=other_ms,
+                            prefix_kernel_ms=split_ms, bf16_ms=bf16_ms))
         del k16, v16, ws
     return results
 
