@@ -215,12 +215,11 @@ def _load_rows(d_head, s_head, slot, stride_d_t, stride_s_t,
 
 @triton.jit
 def _store_out(o_ptrs_base, o_lo, o_hi, hmask, c_lo, c_hi,
-               ROT_V: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+               ROT_V: tl.constexpr, D: tl.constexpr,
                BS: tl.constexpr, LOG_BS: tl.constexpr, CH: tl.constexpr, inv_sqrt_bs):
     """o (lo/hi halves, the stored basis) -> out in the original basis; o_ptrs_base [BLOCK_H]."""
     dt = o_ptrs_base.dtype.element_ty
     if ROT_V:
-        offs_j = tl.arange(0, HALF)
         for cb in tl.static_range(D // CH):
             cols = cb * CH + tl.arange(0, CH)
             # out[:, c] = sum_j o_lo[:, j] H[c_lo(j), c] + o_hi[:, j] H[c_hi(j), c]
@@ -389,7 +388,7 @@ def _decode_split_kernel(
         o_lo = (acc_lo + rb[:, None]) * inv_l[:, None]
         o_hi = (acc_hi + rb[:, None]) * inv_l[:, None]
         _store_out(out_ptr + b * stride_ob + qh * stride_oh, o_lo, o_hi, hmask, c_lo, c_hi,
-                   ROT_V, D, HALF, BS, LOG_BS, CH, inv_sqrt_bs)
+                   ROT_V, D, BS, LOG_BS, CH, inv_sqrt_bs)
     else:
         inv_l = 1.0 / l_i
         o_lo = (acc_lo + rb[:, None]) * inv_l[:, None]

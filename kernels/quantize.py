@@ -101,16 +101,6 @@ def _sanitize(x, CLAMP_V: tl.constexpr):
 
 
 @triton.jit
-def _code(x, m, inv):
-    """reference.quantize's floor((x - min) / scale + 0.5) clamped to 0..15, as int32.
-    Clamping before the (truncating) conversion equals floor-then-clamp since w >= 0
-    then: one float->int conversion per element instead of floor + conversion (both
-    run at a quarter of the FP32 rate)."""
-    w = (x - m) * inv + 0.5
-    return tl.minimum(tl.maximum(w, 0.0), 15.0).to(tl.int32)
-
-
-@triton.jit
 def _lsq_pair(q, w, scale, mn, G: tl.constexpr):
     """reference._lsq on the codes q (int32, [BT, NG, G]) and the values in code
     units w = (x - min) / scale + 0.5 (fp32, the code arithmetic's own value): fit
@@ -215,8 +205,11 @@ def _quantize_rows(
             ql, qh = tl.split(tl.permute(tl.reshape(q, (BLOCK_T, NG, 2, HG)), (0, 1, 3, 2)))
             packed = ql | (qh << 4)  # [BLOCK_T, NG, G/2]
         else:
+            # reference.quantize's floor((x - min) / scale + 0.5) clamped to 0..15: clamping
+            # before the truncating conversion equals floor-then-clamp since w >= 0 then, one
+            # float->int conversion per element instead of floor + conversion
             wl, wh = (xl - m) * inv + 0.5, (xh - m) * inv + 0.5
-            cl = tl.minimum(tl.maximum(wl, 0.0), 15.0).to(tl.int32)  # = _code(xl, m, inv)
+            cl = tl.minimum(tl.maximum(wl, 0.0), 15.0).to(tl.int32)
             ch = tl.minimum(tl.maximum(wh, 0.0), 15.0).to(tl.int32)
             packed = cl | (ch << 4)
             if LSQ:  # both half-groups in one [BT, NG, G] fit

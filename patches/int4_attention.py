@@ -104,13 +104,6 @@ def wrap_backend_factory(name: str, build_int4: Callable) -> Callable:
     return factory
 
 
-def original_factory(name: str) -> Callable:
-    from sglang.srt.layers.attention import attention_registry as reg
-
-    f = reg.ATTENTION_BACKENDS[name]
-    return getattr(f, "_saw_int4_original", f)
-
-
 # ---------------------------------------------------------------------------------
 # Pool access
 def pool_format(pool):

@@ -65,7 +65,7 @@ class SawInt4KVCacheMethod(KVCacheQuantMethodBase):
         each None when it changes nothing (no calibration, or a mean- or scale-only one)."""
         return self._read.get(layer_id, (None, None))
 
-    def _kernels(self, device):
+    def _kernels(self):
         if self._quantize_and_store is None:
             self._quantize_and_store, self._dequantize = _load_kernels()
 
@@ -75,7 +75,7 @@ class SawInt4KVCacheMethod(KVCacheQuantMethodBase):
                 f"INT4 KV format was built for head_dim {self.fmt.head_dim}, "
                 f"the pool has {head_dim}"
             )
-        self._kernels(device)  # fail at startup, not at the first write
+        self._kernels()  # fail at startup, not at the first write
         f = self.fmt
         new = lambda shape, dtype: [  # noqa: E731
             torch.zeros(shape, dtype=dtype, device=device) for _ in range(layer_num)
@@ -109,7 +109,7 @@ class SawInt4KVCacheMethod(KVCacheQuantMethodBase):
     ) -> None:
         # k_scale / v_scale are FP8 checkpoint scales: INT4 computes its own per
         # token-head scales from the BF16 values, so they are not used.
-        self._kernels(k_buffer.device)
+        self._kernels()
         h, d = k_buffer.shape[1], self.fmt.head_dim
         if cache_k.dim() != 3:  # [T, H*D] callers; [T, H, D] may keep a row stride
             cache_k, cache_v = cache_k.view(-1, h, d), cache_v.view(-1, h, d)
@@ -126,7 +126,7 @@ class SawInt4KVCacheMethod(KVCacheQuantMethodBase):
     ) -> Tensor:
         """All rows of one packed K (or V with is_value=True) buffer -> [rows, H, D]
         (a calibrated K comes back as K: the calibration undone)."""
-        self._kernels(fp4_tensor.device)
+        self._kernels()
         loc = torch.arange(fp4_tensor.shape[0], device=fp4_tensor.device)
         rotated = self.fmt.v_rotated if is_value else self.fmt.k_rotated
         cal = None if is_value else self.calibration

@@ -87,8 +87,10 @@ def _init(orig):
 def _post_init(orig):
     def __post_init__(self):
         if is_int4(self):
-            # Before SGLang's own post-init, which probes the accelerator.
+            # Before SGLang's own post-init, which probes the accelerator; validate()
+            # repeats the feature checks on what the post-init resolves.
             check_flags(SawConfig.from_object(self), self.model_path, _backends(self))
+            check_features(self)
             _default_prefill_graph_off(self)
         orig(self)
         if is_int4(self):

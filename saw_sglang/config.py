@@ -158,8 +158,8 @@ def check_flags(cfg: SawConfig, model_path=None, backends: dict | None = None) -
                          "(e.g. 64 or 128), or leave it unset for min(128, head_dim).")
     if g is not None and g % 2:
         raise ValueError(f"--saw-group-size {g}: a group is an even number of channels dividing "
-                         "head_dim, at least 32 (e.g. 64 or 32 for head_dim 64); leave it unset "
-                         "for one group per head.")
+                         f"head_dim, at least {MIN_SERVED_GROUP} (e.g. 64 or 32 for head_dim 64); "
+                         "leave it unset for one group per head.")
 
 
 def _positive_int(text: str) -> int:
@@ -200,7 +200,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--saw-group-size", type=_positive_int, default=d.saw_group_size,
         help="Channels sharing one scale/min pair (default: head_dim, one group per "
-        "token-head). Smaller groups: an even divisor of head_dim, at least 32.",
+        f"token-head). Smaller groups: an even divisor of head_dim, at least {MIN_SERVED_GROUP}.",
     )
     g.add_argument(
         "--saw-rotate-v", action=argparse.BooleanOptionalAction, default=d.saw_rotate_v,

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from saw_sglang.config import SawConfig
+from saw_sglang.kernels.format import ROTATIONS, SCALE_FITS
 
 KINDS = ("bf16", "fp8", "int4")
 # SGLang's --kv-cache-dtype for each kind, and who serves it.
@@ -30,6 +31,10 @@ ALIASES = {"fp8_e4m3": "fp8"}  # SGLang's own name for the same cache
 OLD_NAMES = {"saw-int4": "int4", "int4-naive": "int4:rotation=none"}
 SIM_OPTIONS = ("bf16-layers", "sink-tokens", "q8", "calibration-parts")
 CALIBRATION_PARTS = ("mean", "scale", "mean+scale")  # of a calibration holding both
+# The valid int4 options on one line, for the error that names an unknown one.
+OPTIONS = (f"rotation={'|'.join(ROTATIONS)}, hadamard-block-size=N, group-size=N, rotate-v | no-rotate-v, "
+           f"scale-fit={'|'.join(SCALE_FITS)}, calibration=FILE|auto; simulation only: bf16-layers=0+1, "
+           f"sink-tokens=N, q8, calibration-parts={'|'.join(CALIBRATION_PARTS)}")
 # Spellings of earlier releases -> the one spelling now (named in the error).
 RENAMED = {"rot": "rotation", "b": "hadamard-block-size", "g": "group-size", "v": "rotate-v",
            "keep": "bf16-layers"}
@@ -151,7 +156,7 @@ def parse(spec: str) -> ModeSpec:
         elif key == "calibration-parts" and val in CALIBRATION_PARTS:
             sim[key] = val
         else:
-            raise ValueError(f"mode {spec!r}: unknown or malformed option {opt!r}\n{GRAMMAR}")
+            raise ValueError(f"mode {spec!r}: unknown or malformed option {opt!r}; int4 takes {OPTIONS}")
     if "calibration-parts" in sim and "saw_calibration" not in saw:
         raise ValueError(f"mode {spec!r}: calibration-parts needs calibration=FILE|auto too")
     order = [f.name for f in fields(SawConfig)]

@@ -84,6 +84,20 @@ def test_sglang_argument_errors_are_one_line_too():
     assert "usage:" not in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("flags,fragment", [
+    (["--speculative-algorithm", "EAGLE"], "Drop --speculative-algorithm"),
+    (["--enable-hierarchical-cache"], "Drop --enable-hierarchical-cache"),
+])
+def test_unsupported_features_are_refused_before_the_accelerator(flags, fragment):
+    out = subprocess.run([sys.executable, "-m", LAUNCH, "--model-path", "x", "--kv-cache-dtype",
+                          "int4", *flags], capture_output=True, text=True, timeout=600)
+    # SGLang's import may warn about the platform on a CPU machine; the error is one line
+    errors = [ln for ln in out.stderr.splitlines() if "error:" in ln.lower()]
+    assert out.returncode == 2 and len(errors) == 1 and fragment in errors[0], out.stderr[-2000:]
+    assert errors[0].startswith("python -m saw_sglang.launch_server: error: ")
+    assert "Traceback" not in out.stderr and "accelerator" not in out.stderr
+
+
 def test_engine_refuses_before_probing_or_spawning(head_dim_64):
     from saw_sglang.engine import Engine
 
@@ -106,7 +120,8 @@ EVAL = "saw_sglang.eval"
     (["--tokens", "0"], ["--tokens 0: must be at least 1"]),
     (["--ctx", "0"], ["--ctx 0: must be at least 2"]),
     (["--text", "/nonexistent/text.txt"], ["--text /nonexistent/text.txt: no such file"]),
-    (["--modes", "bf16,int4:bogus=1"], ["unknown or malformed option 'bogus=1'"]),
+    (["--modes", "bf16,int4:bogus=1"], ["unknown or malformed option 'bogus=1'", "int4 takes rotation=",
+                                        "group-size=N", "calibration=FILE|auto", "sink-tokens=N"]),
     (["--modes", "int4:g=32"], ["option 'g' is now spelled 'group-size'"]),
     (["--modes", "int5"], ["unknown KV mode 'int5'", "bf16, fp8 or int4"]),
     (["--text", "/nonexistent/text.txt", "--text", "/nonexistent/other.txt"], ["no such file"]),

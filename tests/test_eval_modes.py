@@ -67,6 +67,28 @@ def test_bytes_per_token_from_format(d, kvh, layers):
     assert kept == Int4KVFormat(d).bytes_per_token(kvh, layers - 2) + 2 * (bf16 // layers)
 
 
+def test_the_unknown_option_error_lists_every_option_and_each_listed_one_parses():
+    from dataclasses import fields
+
+    from saw_sglang.config import SawConfig
+    from saw_sglang.kv_modes import OPTIONS, SIM_OPTIONS
+
+    with pytest.raises(ValueError) as e:
+        parse("int4:bogus=1")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.endswith("int4 takes " + OPTIONS)
+    names = {f.name[len("saw_"):].replace("_", "-") for f in fields(SawConfig)} | set(SIM_OPTIONS)
+    listed = [item.strip() for part in OPTIONS.split("; simulation only:") for item in part.split(", ")]
+    assert {item.split("=")[0].split(" |")[0] for item in listed} == names
+    for item in listed:
+        key, _, values = item.partition("=")
+        for alt in (values.split("|") if values else key.split(" | ")):
+            opt = f"{key}={alt}" if values else alt
+            opt = opt.replace("=N", "=32").replace("=FILE", "=k.pt")
+            extra = ":calibration=k.pt" if key == "calibration-parts" else ""
+            parse(f"int4:{opt}{extra}")
+
+
 def test_specs_parse_and_reject():
     for d in (64, 128, 256):
         for s in default_specs(d):

@@ -145,6 +145,26 @@ def test_feature_refusals_on_resolved_args(llama):
     sa_patch.check_features(args)
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(speculative_algorithm="EAGLE"), "speculative decoding"),
+    (dict(enable_hierarchical_cache=True), "hierarchical cache"),
+    (dict(disaggregation_mode="prefill"), "disaggregation"),
+    (dict(dcp_size=2), "decode context parallelism"),
+])
+def test_feature_refusals_come_before_the_accelerator_probe(llama, monkeypatch, kwargs, message):
+    """No device given: SGLang's post-init would probe the accelerator (on a CPU machine, a
+    "No accelerator" RuntimeError in place of the refusal)."""
+    import sglang.srt.server_args as sglang_sa
+
+    def probe():
+        raise AssertionError("the accelerator was probed before the refusal")
+
+    monkeypatch.setattr(sglang_sa, "get_device", probe)
+    with pytest.raises(ValueError, match=message):
+        ServerArgs(model_path=llama, kv_cache_dtype="int4", attention_backend="triton",
+                   skip_tokenizer_init=True, **kwargs)
+
+
 def test_hnd_layout_refused(llama, monkeypatch):
     args = ServerArgs(model_path=llama, kv_cache_dtype="int4", attention_backend="triton", **CPU)
     monkeypatch.setenv("SGLANG_USE_HND_KVCACHE", "1")
