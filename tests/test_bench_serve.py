@@ -125,6 +125,8 @@ def test_full_sweep_writes_results_and_stops_servers(tmp_path, capsys):
     assert len(res["servers"]) == 4 and all(s["kv_tokens"] for s in res["servers"].values())
     printed = capsys.readouterr().out
     assert "2.00x" in printed and "1.00x" in printed  # int4/bf16, int4/naive
+    assert "server start to ready: " in printed and all(f"{m} " in printed.split("ready: ")[1]
+                                                         for m in res["servers"])
     calls = [json.loads(x) for x in (tmp_path / "client-argv").read_text().splitlines()]
     assert len(calls) == 12
     c0 = " ".join(calls[0])
@@ -342,3 +344,9 @@ def test_warmup_requests_follow_concurrency_unless_disabled_or_given():
     assert serve.warmup_args(a, short, 64) == []
     a = serve.build_parser().parse_args(["--model-path", "m", "--bench-args", "--warmup-requests 3"])
     assert serve.warmup_args(a, short, 64) == []
+
+
+def test_startup_line_puts_each_mode_beside_the_first():
+    line = serve.startup_line({"bf16": {"start_s": 40.0}, "int4": {"start_s": 50.0},
+                               "fp8": {"error": "server failed to start"}})
+    assert line == "server start to ready: bf16 40.0 s, int4 50.0 s (1.25x)"

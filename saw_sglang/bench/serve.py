@@ -414,6 +414,16 @@ def ratio(points: List[Point], pt: Point, num: str, den: str) -> Optional[float]
     return a / b if a and b else None
 
 
+def startup_line(servers: dict) -> str:
+    """Seconds from launch to /health per mode (our kernels compile inside it, before the
+    server says it is ready), beside the first mode's (BF16 in the usual sweep)."""
+    timed = [(m, i["start_s"]) for m, i in servers.items() if "start_s" in i]
+    first = timed[0][1]
+    return "server start to ready: " + ", ".join(
+        f"{m} {t:.1f} s" + ("" if n == 0 or not first else f" ({t / first:.2f}x)")
+        for n, (m, t) in enumerate(timed))
+
+
 def table(points: List[Point]) -> str:
     head = ["scenario", "conc", "mode", "KV tok", "done", "out tok/s", "TTFT ms (p90)",
             "ITL ms (p90)"] + [f"{n}/{d}" for n, d in RATIOS]
@@ -532,6 +542,8 @@ def main(argv=None) -> int:
     else:
         points = sweep.points
     print(table(points))
+    if sweep is not None and any("start_s" in i for i in sweep.servers.values()):
+        print(startup_line(sweep.servers))
     png = None if args.no_plot else plot(points, os.path.join(args.out, "throughput.png"))
     ppng = report_profiles(points, args.out, args.no_plot)
     print(f"\n{len(points)} points in {time.monotonic() - t0:.0f} s; results in {args.out}/"
