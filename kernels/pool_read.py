@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from .format import Int4KVFormat, hadamard
-from .quantize import dequantize
+from .quantize import dequantize, unrotates_on_tensor_cores
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,7 +60,7 @@ UNROTATE_K = True
 def unrotate_k_pays(fmt: Int4KVFormat, q_rows: int, num_q_heads: int, k_rows: int,
                     num_kv_heads: int) -> bool:
     """Whether to read K back in the original basis rather than rotate q."""
-    return (fmt.k_rotated and fmt.group_size % fmt.block_size == 0
+    return (UNROTATE_K and fmt.k_rotated and unrotates_on_tensor_cores(fmt)
             and 2 * q_rows * num_q_heads >= k_rows * num_kv_heads)
 
 
@@ -91,13 +91,12 @@ def attend_through_pool(q: torch.Tensor, k_data, k_scales, v_data, v_scales, slo
     its own sm_scale and soft-cap); returns o in the original basis. k_scale: the
     layer's K calibration scale [Hkv, D] (its mean needs nothing here: every key
     attended carries it). unrotate_k: read K back un-rotated instead of rotating q;
-    None decides by size (`unrotate_k_pays`, while UNROTATE_K)."""
+    None decides by size (`unrotate_k_pays`)."""
     n = slots.numel()
     if n > workspace.max_rows:
         raise ValueError(f"{n} rows exceed the through-pool workspace ({workspace.max_rows})")
     if unrotate_k is None:
-        unrotate_k = UNROTATE_K and unrotate_k_pays(
-            fmt, q.shape[0], q.shape[1], n, k_data.shape[1])
+        unrotate_k = unrotate_k_pays(fmt, q.shape[0], q.shape[1], n, k_data.shape[1])
     k = dequantize(k_data, k_scales, slots, fmt, unrotate_k and fmt.k_rotated, out=workspace.k[:n])
     v = dequantize(v_data, v_scales, slots, fmt, False, out=workspace.v[:n])
     o = attend(stored_basis_query(q, fmt, k_scale, rotate=not unrotate_k), k, v)

@@ -306,8 +306,8 @@ def _unrotate_kernel(
     group (G % B == 0, the default formats): a block shares one (scale, min), so
     x H = scale * (codes H) + min * (1 H), and 1 H_B is B at the block's first channel
     and 0 elsewhere. codes H runs on fp16 tensor cores and is exact (1024 + code and +-1
-    are fp16-exact, the sums are integers below 2^18 accumulated in fp32); the
-    rotating kernel below needs fp32 FMA dots because its input is already scaled.
+    are fp16-exact, the sums are integers below 2^18 accumulated in fp32), where
+    `_dequantize_kernel` needs fp32 FMA dots because its input is already scaled.
     Programs loop over token tiles so that building H in registers is paid once."""
     NG: tl.constexpr = D // G
     HB: tl.constexpr = G // 2
@@ -487,6 +487,12 @@ def _launch_quantize(k, v, loc, k_data, k_scales, v_data, v_scales, fmt, block_t
     )
 
 
+def unrotates_on_tensor_cores(fmt: Int4KVFormat) -> bool:
+    """Whether `dequantize(..., rotated=True)` runs `_unrotate_kernel` (each Hadamard block
+    inside one group) rather than the slow fp32-dot kernel."""
+    return fmt.group_size % fmt.block_size == 0
+
+
 def dequantize(data, scales, loc, fmt: Int4KVFormat, rotated: bool, dtype=torch.bfloat16, out=None):
     """Slots loc [T] of (data, scales) -> [T, H, D] in `dtype`: the inverse rotation is
     applied when `rotated` (original basis), else the values stay in their stored basis."""
@@ -508,7 +514,7 @@ def dequantize(data, scales, loc, fmt: Int4KVFormat, rotated: bool, dtype=torch.
         )
         return out
     c, inv_sqrt_b = _consts(fmt)
-    if fmt.group_size % fmt.block_size == 0:
+    if unrotates_on_tensor_cores(fmt):
         grid_t = min(triton.cdiv(t, bt), max(1, _target_programs(data.device) // h))
         _unrotate_kernel[(grid_t, h)](
             data, scales, loc, out, out.stride(0), out.stride(1), t, h, inv_sqrt_b,

@@ -47,7 +47,7 @@ def warm_up(fmt: Int4KVFormat, num_q_heads: int, num_kv_heads: int, k_data, k_sc
     slot0 = torch.zeros(1, dtype=torch.int64, device=dev)
     quantize.quantize_and_store(x, x, slot0, k_data, k_scales, v_data, v_scales, fmt, k_affine=k_affine)
     quantize.dequantize(k_data, k_scales, slot0, fmt, False, dtype)  # the through-pool extend's
-    if pool_read.UNROTATE_K and pool_read.unrotate_k_pays(fmt, 2, 2, 1, 1):
+    if pool_read.UNROTATE_K and fmt.k_rotated and quantize.unrotates_on_tensor_cores(fmt):
         quantize.dequantize(k_data, k_scales, slot0, fmt, True, dtype)  # ... for q-heavy batches
     q = torch.zeros(1, num_q_heads, d, dtype=dtype, device=dev)
     one = torch.ones(1, dtype=torch.int32, device=dev)

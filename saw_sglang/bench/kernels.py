@@ -311,8 +311,7 @@ def bench_extend(hq=32, hkv=8, d=128):
         through our prefix kernel, merged with FlashInfer's merge_state."""
     import flashinfer
     import torch
-    from saw_sglang.kernels.pool_read import (UNROTATE_K, PoolReadWorkspace, attend_through_pool,
-                                              unrotate_k_pays)
+    from saw_sglang.kernels.pool_read import PoolReadWorkspace, attend_through_pool, unrotate_k_pays
     from saw_sglang.kernels.prefix import prefix_attention
     from saw_sglang.kernels.quantize import dequantize
     gen = torch.Generator(device="cuda").manual_seed(3)
@@ -337,7 +336,7 @@ def bench_extend(hq=32, hkv=8, d=128):
         def through_pool(unrotate_k=None):  # None: as served (pool_read.unrotate_k_pays)
             return attend_through_pool(q, pools.kd, pools.ks, pools.vd, pools.vs, slots, fmt,
                                        lambda q3, k, v: w.run(q3, k, v, out=out), ws, unrotate_k=unrotate_k)
-        k_unrotated = UNROTATE_K and unrotate_k_pays(fmt, new * reqs, hq, total, hkv)
+        k_unrotated = unrotate_k_pays(fmt, new * reqs, hq, total, hkv)
 
         def dq():
             dequantize(pools.kd, pools.ks, slots, fmt, k_unrotated, out=ws.k[:total])
