@@ -29,7 +29,7 @@ import triton.language as tl
 
 from . import decode_triton
 from .format import Int4KVFormat, served_problem
-from .tiles import hadamard_signs, split_length
+from .tiles import grid_dependency_sync, hadamard_signs, split_length
 
 DEFAULT_NUM_SMS = 132
 MAX_SPLITS = 256
@@ -88,7 +88,7 @@ def choose_num_splits(programs, sms=DEFAULT_NUM_SMS, waves=2, max_kv_len=None, b
                       min_blocks=2, max_splits=MAX_SPLITS) -> int:
     """Splits so that programs * splits ~ waves * SMs (programs = batch x head groups).
     Host-only inputs: a max length hint caps splits that would hold < min_blocks blocks."""
-    s = -(-waves * sms // max(1, programs))
+    s = math.ceil(waves * sms / max(programs, 1 / 16))
     if max_kv_len is not None:
         s = min(s, max(1, -(-int(max_kv_len) // (block_n * min_blocks))))
     return int(max(1, min(s, max_splits)))
@@ -107,22 +107,33 @@ def decode_impl(device, fmt: Int4KVFormat, gqa: int) -> str:
     return "triton"
 
 
-def head_group(num_kv_heads: int, most: int) -> int:
+def head_group(num_kv_heads: int, most: int, pad: bool = True) -> int:
     """KV heads per tensor-core program (one warp each): the largest power of two <= most
-    dividing num_kv_heads. Their rows lie side by side in the pool, so a program's copy of
-    one token is one contiguous run."""
+    dividing num_kv_heads; their rows lie side by side in the pool, so a program's copy of
+    one token is one contiguous run. pad: where only 1 divides (3, 5, 7 ... heads), the
+    power of two >= num_kv_heads (up to most), the last program's extra warps masked off:
+    one-warp programs hide too little latency."""
     g = 1
     while g * 2 <= most and num_kv_heads % (g * 2) == 0:
         g *= 2
+    if pad and g == 1 and num_kv_heads > 1:
+        g = min(most, triton.next_power_of_2(num_kv_heads))
     return g
 
 
-MMA_KNOBS = ("block_n", "stages", "heads", "waves", "min_blocks", "maxnreg")
+MMA_KNOBS = ("block_n", "stages", "heads", "waves", "min_blocks", "maxnreg", "pdl", "pad")
+# Programmatic dependent launch of the three kernels of a step (sm_90+): each next kernel's
+# launch overlaps the previous one's run (tiles.grid_dependency_sync).
+MMA_PDL = True
+
+
+def _pdl_launch(pdl: bool) -> dict:
+    return {"launch_pdl": True} if pdl else {}
 
 
 def _knobs(impl, fmt: Int4KVFormat, **override) -> dict:
     if impl == "mma":
-        base, names = dict(MMA_CONFIGS[fmt.head_dim]), MMA_KNOBS
+        base, names = dict(MMA_CONFIGS[fmt.head_dim], pdl=MMA_PDL, pad=True), MMA_KNOBS
     elif impl == "triton":
         base, names = decode_triton.get_config(fmt.head_dim, fmt.group_size), decode_triton.KNOBS
     else:
@@ -142,8 +153,12 @@ def plan_splits(batch, num_kv_heads, fmt: Int4KVFormat, device, max_kv_len=None,
     gqa = (num_q_heads or num_kv_heads) // num_kv_heads
     impl = impl or decode_impl(device, fmt, gqa)
     cfg = _knobs(impl, fmt, **override)
-    groups = num_kv_heads // head_group(num_kv_heads, cfg["heads"]) if impl == "mma" else num_kv_heads
-    return choose_num_splits(batch * groups, num_sms(device), cfg["waves"], max_kv_len, cfg["block_n"],
+    if impl == "mma":  # programs of fewer warps than the config's count as that fraction
+        hg = head_group(num_kv_heads, cfg["heads"], cfg["pad"])
+        programs = batch * -(-num_kv_heads // hg) * hg / cfg["heads"]
+    else:
+        programs = batch * num_kv_heads
+    return choose_num_splits(programs, num_sms(device), cfg["waves"], max_kv_len, cfg["block_n"],
                              cfg.get("min_blocks", 2), MAX_SPLITS)
 
 
@@ -177,10 +192,11 @@ def _decode_prep_kernel(
     q_ptr, qp_ptr, qs_ptr, qk_scale, inv_sqrt_bs,
     stride_qb, stride_qh, stride_pb, stride_ph, stride_sb, HQ,
     D: tl.constexpr, BLOCK_H: tl.constexpr, BS: tl.constexpr, LOG_BS: tl.constexpr,
-    ROT_K: tl.constexpr,
+    ROT_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """q -> q' for decode_mma: (q . H_B) * qk_scale as fp16 planes (channels [0, D/2) and
     [D/2, D) / 16, the high nibble arriving as 16 n), sum(q') and 1024 sum(q' planes)."""
+    grid_dependency_sync(PDL)
     b = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = offs_h < HQ
@@ -214,12 +230,13 @@ def _decode_merge_kernel(
     stride_ob, stride_oh, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
     NUM_SPLITS, D: tl.constexpr, D_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
     MIN_BLOCKS: tl.constexpr, S_CHUNK: tl.constexpr, BS: tl.constexpr, LOG_BS: tl.constexpr,
-    ROT_V: tl.constexpr,
+    ROT_V: tl.constexpr, PDL: tl.constexpr,
 ):
     """D_CHUNK channels of one query head of one request: the active splits' partial
     outputs merged by their log2-sum-exp, S_CHUNK splits per step (all of them in one step
     up to S_CHUNK); rotated back into the original basis when V was rotated (then
     D_CHUNK = D)."""
+    grid_dependency_sync(PDL)
     h = tl.program_id(0)
     b = tl.program_id(1)
     c0 = tl.program_id(2) * D_CHUNK
@@ -279,7 +296,7 @@ def _check(q, k_data, k_scales, v_data, v_scales, fmt: Int4KVFormat):
     return b, hq, hkv, d
 
 
-def prepare_query(q, fmt: Int4KVFormat, sm_scale: float, logit_cap: float, q_prep, q_sums):
+def prepare_query(q, fmt: Int4KVFormat, sm_scale: float, logit_cap: float, q_prep, q_sums, pdl=False):
     """q [B, Hq, D] -> q_prep (fp16 q' planes) and q_sums (sum q', 1024 bias) in place."""
     bsz, hq, d = q.shape
     bs = fmt.block_size
@@ -289,11 +306,12 @@ def prepare_query(q, fmt: Int4KVFormat, sm_scale: float, logit_cap: float, q_pre
         q, q_prep, q_sums, float(qk_scale), 1.0 / math.sqrt(bs),
         q.stride(0), q.stride(1), q_prep.stride(0), q_prep.stride(1), q_sums.stride(0), hq,
         D=d, BLOCK_H=block_h, BS=bs, LOG_BS=int(math.log2(bs)), ROT_K=fmt.k_rotated,
-        num_warps=4,
+        PDL=pdl, num_warps=4, **_pdl_launch(pdl),
     )
 
 
-def merge_splits(out, ws: DecodeWorkspace, kv_lens, fmt: Int4KVFormat, num_splits, block_n, min_blocks):
+def merge_splits(out, ws: DecodeWorkspace, kv_lens, fmt: Int4KVFormat, num_splits, block_n, min_blocks,
+                 pdl=False):
     """Splits -> out (and back into the original basis when V was rotated)."""
     bsz, hq, d = out.shape
     bs = fmt.block_size
@@ -303,7 +321,7 @@ def merge_splits(out, ws: DecodeWorkspace, kv_lens, fmt: Int4KVFormat, num_split
         out, ws.mid_o, ws.mid_lse, kv_lens, 1.0 / math.sqrt(bs),
         out.stride(0), out.stride(1), *ws.mid_o.stride()[:3], *ws.mid_lse.stride()[:2], num_splits,
         D=d, D_CHUNK=d_chunk, BLOCK_N=block_n, MIN_BLOCKS=min_blocks, S_CHUNK=s_chunk, BS=bs,
-        LOG_BS=int(math.log2(bs)), ROT_V=fmt.v_rotated, num_warps=4,
+        LOG_BS=int(math.log2(bs)), ROT_V=fmt.v_rotated, PDL=pdl, num_warps=4, **_pdl_launch(pdl),
     )
 
 
@@ -314,22 +332,23 @@ def _split_mma(q, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv_
     bsz, hq, d = q.shape
     hkv = k_data.shape[1]
     gqa = hq // hkv
-    hg = head_group(hkv, cfg["heads"])
-    prepare_query(q, fmt, sm_scale, logit_cap, ws.q_prep, ws.q_sums)
+    hg = head_group(hkv, cfg["heads"], cfg["pad"])
+    pdl = cfg["pdl"] and torch.cuda.get_device_capability(q.device)[0] >= 9
+    prepare_query(q, fmt, sm_scale, logit_cap, ws.q_prep, ws.q_sums, pdl)
     # 32-bit byte offsets unless a buffer is too large for them
     off64 = max(k_data.numel(), v_data.numel(), k_scales.numel(), v_scales.numel()) >= 2**31
-    decode_split_kernel[(hkv // hg, num_splits, bsz)](
+    decode_split_kernel[(triton.cdiv(hkv, hg), num_splits, bsz)](
         ws.q_prep, ws.q_sums, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv_lens,
         out if direct else ws.mid_o, ws.mid_lse, float(logit_cap),
         ws.q_prep.stride(0), ws.q_prep.stride(1), ws.q_sums.stride(0),
         k_data.stride(0), k_data.stride(1), k_scales.stride(0), k_scales.stride(1),
         v_data.stride(0), v_data.stride(1), v_scales.stride(0), v_scales.stride(1),
         *((out.stride(0), out.stride(1), 0) if direct else ws.mid_o.stride()[:3]),
-        *ws.mid_lse.stride()[:2], num_splits,
+        *ws.mid_lse.stride()[:2], num_splits, hkv,
         HG=hg, GQA=gqa, NH=max(8, triton.next_power_of_2(gqa)), D=d, PAGE=int(page_size),
         BLOCK_N=cfg["block_n"], CAP=logit_cap > 0, OFF64=off64, MIN_BLOCKS=cfg["min_blocks"],
         STAGES=cfg["stages"], SWZ_VEC=cfg["swizzle"][0], SWZ_PHASES=cfg["swizzle"][1], DIRECT=direct,
-        num_warps=hg, **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
+        PDL=pdl, PAD=hkv % hg != 0, num_warps=hg, **_pdl_launch(pdl), **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
     )
 
 
@@ -373,13 +392,13 @@ def decode_attention(
         direct = num_splits == 1 and not fmt.v_rotated
         _split_mma(q, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv_lens, fmt,
                    sm_scale, page_size, logit_cap, out, workspace, num_splits, cfg, direct)
-        min_blocks = cfg["min_blocks"]
+        min_blocks, pdl = cfg["min_blocks"], cfg["pdl"]
     else:
         direct = num_splits == 1
         decode_triton.run_split(q, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv_lens,
                                 fmt, sm_scale, page_size, logit_cap, out, workspace, num_splits, cfg,
                                 direct, qk_int8)
-        min_blocks = 1
+        min_blocks, pdl = 1, False
     if not direct:
-        merge_splits(out, workspace, kv_lens, fmt, num_splits, cfg["block_n"], min_blocks)
+        merge_splits(out, workspace, kv_lens, fmt, num_splits, cfg["block_n"], min_blocks, pdl)
     return out

@@ -63,6 +63,16 @@ def _scale_min(w):
                                      is_pure=True, pack=1)
 
 
+@gluon.jit
+def _grid_dependency_sync(PDL: gl.constexpr):
+    """tiles.grid_dependency_sync in Gluon: wait for the q' prep kernel's writes, then let
+    the merge kernel launch early (programmatic dependent launch; no-op without it)."""
+    if PDL:
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+
 @gluon.constexpr_function
 def _log2(n):
     return n.bit_length() - 1
@@ -115,21 +125,32 @@ def _slots(indices_ptr, n0, offs, n_valid, PAGE: gl.constexpr, OFF64: gl.constex
 
 @gluon.jit
 def _issue_copies(sk, sv, sks, svs, slot_c, slot_s, kd_grp, vd_grp, ks_grp, vs_grp,
-                  stride_kd_t, stride_kd_h, stride_vd_t, stride_vd_h, sks_t, svs_t,
-                  HG: gl.constexpr, HALF: gl.constexpr):
+                  stride_kd_t, stride_kd_h, stride_vd_t, stride_vd_h, sks_t, svs_t, n_heads,
+                  HG: gl.constexpr, HALF: gl.constexpr, PAD: gl.constexpr):
     """Async copies of one block (K rows, V rows, (scale, min) words of HG heads) into one
-    stage, committed as one group."""
+    stage, committed as one group. PAD: only the first n_heads heads are real; the copies
+    of the others are masked off (zero-filled, nothing read)."""
     CPL: gl.constexpr = _copy_layout(HG, HALF)
     WL: gl.constexpr = _words_layout(HG)
     hh = gl.arange(0, HG, layout=gl.SliceLayout(1, gl.SliceLayout(2, CPL)))
     j = gl.arange(0, HALF, layout=gl.SliceLayout(0, gl.SliceLayout(1, CPL)))
     row_k = (slot_c * stride_kd_t)[None, :, None] + (hh * stride_kd_h)[:, None, None] + j[None, None, :]
     row_v = (slot_c * stride_vd_t)[None, :, None] + (hh * stride_vd_h)[:, None, None] + j[None, None, :]
-    async_copy.async_copy_global_to_shared(sk, kd_grp + row_k)
-    async_copy.async_copy_global_to_shared(sv, vd_grp + row_v)
     hw = gl.arange(0, HG, layout=gl.SliceLayout(1, WL))
-    async_copy.async_copy_global_to_shared(sks, ks_grp + (slot_s * sks_t)[None, :] + hw[:, None])
-    async_copy.async_copy_global_to_shared(svs, vs_grp + (slot_s * svs_t)[None, :] + hw[:, None])
+    words_k = ks_grp + (slot_s * sks_t)[None, :] + hw[:, None]
+    words_v = vs_grp + (slot_s * svs_t)[None, :] + hw[:, None]
+    if PAD:
+        mc = (hh < n_heads)[:, None, None]
+        mw = (hw < n_heads)[:, None]
+        async_copy.async_copy_global_to_shared(sk, kd_grp + row_k, mask=mc)
+        async_copy.async_copy_global_to_shared(sv, vd_grp + row_v, mask=mc)
+        async_copy.async_copy_global_to_shared(sks, words_k, mask=mw)
+        async_copy.async_copy_global_to_shared(svs, words_v, mask=mw)
+    else:
+        async_copy.async_copy_global_to_shared(sk, kd_grp + row_k)
+        async_copy.async_copy_global_to_shared(sv, vd_grp + row_v)
+        async_copy.async_copy_global_to_shared(sks, words_k)
+        async_copy.async_copy_global_to_shared(svs, words_v)
     async_copy.commit_group()
 
 
@@ -182,13 +203,17 @@ def decode_split_kernel(
     stride_kd_t, stride_kd_h, stride_ks_t, stride_ks_h,
     stride_vd_t, stride_vd_h, stride_vs_t, stride_vs_h,
     stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
-    NUM_SPLITS,
+    NUM_SPLITS, HKV,
     HG: gl.constexpr, GQA: gl.constexpr, NH: gl.constexpr, D: gl.constexpr, PAGE: gl.constexpr,
     BLOCK_N: gl.constexpr, CAP: gl.constexpr, OFF64: gl.constexpr, MIN_BLOCKS: gl.constexpr,
     STAGES: gl.constexpr, SWZ_VEC: gl.constexpr, SWZ_PHASES: gl.constexpr, DIRECT: gl.constexpr,
+    PDL: gl.constexpr, PAD: gl.constexpr,
 ):
-    """Grid (KV heads / HG, splits, batch); HG warps, warp w serves KV head HG * pid0 + w.
-    DIRECT (one split): mid_o_ptr is the output itself (q's dtype), no log-sum-exp."""
+    """Grid (cdiv(KV heads, HG), splits, batch); HG warps, warp w serves KV head HG * pid0 + w
+    (PAD: HG does not divide the HKV heads; the warps past the last head idle, masked).
+    DIRECT (one split): mid_o_ptr is the output itself (q's dtype), no log-sum-exp.
+    PDL: launched while the prep kernel runs; the first blocks' copies are issued before
+    waiting for its q' (the pool was written before the prep kernel passed its own wait)."""
     HALF: gl.constexpr = D // 2
     RPT: gl.constexpr = HALF // 8
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[HG, 1, 1],
@@ -215,26 +240,8 @@ def decode_split_kernel(
     if start >= end and not DIRECT:  # (DIRECT: an empty request still writes its zeros)
         return
 
-    # ---- q' planes as the B operand [HG, HALF, NH], per-head sum(q') and bias
-    hq0 = grp * HG * GQA
-    q_w = gl.arange(0, HG, layout=gl.SliceLayout(1, gl.SliceLayout(2, QB)))
-    q_c = gl.arange(0, HALF, layout=gl.SliceLayout(0, gl.SliceLayout(2, QB)))
-    q_n = gl.arange(0, NH, layout=gl.SliceLayout(0, gl.SliceLayout(1, QB)))
-    q_ptrs = (qp_ptr + b * stride_qb + (hq0 + q_w[:, None, None] * GQA + q_n[None, None, :]) * stride_qh
-              + q_c[None, :, None])
-    q_mask = (q_n < GQA)[None, None, :]
-    q_lo = gl.load(q_ptrs, mask=q_mask, other=0.0)
-    q_hi = gl.load(q_ptrs + HALF, mask=q_mask, other=0.0)
-    c_w = gl.arange(0, HG, layout=gl.SliceLayout(1, COL))
-    c_n = gl.arange(0, NH, layout=gl.SliceLayout(0, COL))
-    heads = hq0 + c_w[:, None] * GQA + c_n[None, :]  # [HG, NH] query heads
-    hmask = (c_n < GQA)[None, :]
-    qs_ptrs = qs_ptr + b * stride_qsb + heads * 2
-    sum_q = gl.load(qs_ptrs, mask=hmask, other=0.0)
-    q_bias = gl.load(qs_ptrs + 1, mask=hmask, other=0.0)
-    s_init = gl.zeros([HG, BLOCK_N, NH], gl.float32, layout=MMA) - q_bias[:, None, :]
-
     indices = indices_ptr + gl.load(indptr_ptr + b).to(gl.int64)
+    n_heads = HKV - grp * HG  # real KV heads of this program (>= HG unless PAD)
     kd_grp = kd_ptr + grp * HG * stride_kd_h
     vd_grp = vd_ptr + grp * HG * stride_vd_h
     ks_grp = (ks_ptr + grp * HG * stride_ks_h).to(gl.pointer_type(gl.int32), bitcast=True)
@@ -266,9 +273,29 @@ def decode_split_kernel(
         next_s = _slots(indices, n1, offs_s, end - n1, PAGE, OFF64)
         _issue_copies(smem_k.index(pre), smem_v.index(pre), smem_kw.index(pre), smem_vw.index(pre),
                       slot_c, slot_s, kd_grp, vd_grp, ks_grp, vs_grp, stride_kd_t, stride_kd_h,
-                      stride_vd_t, stride_vd_h, sks_t, svs_t, HG, HALF)
+                      stride_vd_t, stride_vd_h, sks_t, svs_t, n_heads, HG, HALF, PAD)
         slot_c = next_c
         slot_s = next_s
+    _grid_dependency_sync(PDL)
+    # ---- q' planes as the B operand [HG, HALF, NH], per-head sum(q') and bias
+    hq0 = grp * HG * GQA
+    q_w = gl.arange(0, HG, layout=gl.SliceLayout(1, gl.SliceLayout(2, QB)))
+    q_c = gl.arange(0, HALF, layout=gl.SliceLayout(0, gl.SliceLayout(2, QB)))
+    q_n = gl.arange(0, NH, layout=gl.SliceLayout(0, gl.SliceLayout(1, QB)))
+    q_ptrs = (qp_ptr + b * stride_qb + (hq0 + q_w[:, None, None] * GQA + q_n[None, None, :]) * stride_qh
+              + q_c[None, :, None])
+    q_mask = (q_n < GQA)[None, None, :] & (q_w < n_heads)[:, None, None]
+    q_lo = gl.load(q_ptrs, mask=q_mask, other=0.0)
+    q_hi = gl.load(q_ptrs + HALF, mask=q_mask, other=0.0)
+    c_w = gl.arange(0, HG, layout=gl.SliceLayout(1, COL))
+    c_n = gl.arange(0, NH, layout=gl.SliceLayout(0, COL))
+    heads = hq0 + c_w[:, None] * GQA + c_n[None, :]  # [HG, NH] query heads
+    hmask = (c_n < GQA)[None, :] & (c_w < n_heads)[:, None]
+    qs_ptrs = qs_ptr + b * stride_qsb + heads * 2
+    sum_q = gl.load(qs_ptrs, mask=hmask, other=0.0)
+    q_bias = gl.load(qs_ptrs + 1, mask=hmask, other=0.0)
+    s_init = gl.zeros([HG, BLOCK_N, NH], gl.float32, layout=MMA) - q_bias[:, None, :]
+
     n_blocks = gl.cdiv(end - start, BLOCK_N)
     for i in range(n_blocks):
         n1 = start + (i + STAGES) * BLOCK_N
@@ -277,7 +304,7 @@ def decode_split_kernel(
         st = (i + STAGES - 1) % STAGES
         _issue_copies(smem_k.index(st), smem_v.index(st), smem_kw.index(st), smem_vw.index(st),
                       slot_c, slot_s, kd_grp, vd_grp, ks_grp, vs_grp, stride_kd_t, stride_kd_h,
-                      stride_vd_t, stride_vd_h, sks_t, svs_t, HG, HALF)
+                      stride_vd_t, stride_vd_h, sks_t, svs_t, n_heads, HG, HALF, PAD)
         slot_c = next_c
         slot_s = next_s
         async_copy.wait_group(STAGES - 1)
@@ -303,7 +330,7 @@ def decode_split_kernel(
     chan = RPT * (o_r % 8) + o_r // 8
     mo = (mid_o_ptr + b * stride_mo_b + sp * stride_mo_s
           + (hq0 + o_w[:, None, None] * GQA + o_n[None, None, :]) * stride_mo_h + chan[None, :, None])
-    omask = (o_n < GQA)[None, None, :]
+    omask = (o_n < GQA)[None, None, :] & (o_w < n_heads)[:, None, None]
     if DIRECT:
         o_lo = gl.where(l_i[:, None, :] > 0, o_lo, 0.0)
         o_hi = gl.where(l_i[:, None, :] > 0, o_hi, 0.0)

@@ -41,3 +41,14 @@ def split_length(kv_len, NUM_SPLITS, BLOCK_N: tl.constexpr, MIN_BLOCKS: tl.const
     """Tokens per split of a request (a BLOCK_N multiple, at least MIN_BLOCKS blocks): the
     split kernels and the merge must agree (decode_mma computes the same in Gluon)."""
     return tl.maximum(tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N), MIN_BLOCKS) * BLOCK_N
+
+
+@triton.jit
+def grid_dependency_sync(PDL: tl.constexpr):
+    """With programmatic dependent launch (PDL, sm_90+): wait until the previous kernel's
+    writes are visible, then let the next kernel's programs launch early (they wait the
+    same way), so that launch latency overlaps this kernel's run. No-op without PDL."""
+    if PDL:
+        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)

@@ -103,13 +103,20 @@ def test_split_policy_is_host_only_and_bounded():
 
 
 def test_head_groups_and_impl_choice():
-    assert [head_group(h, 4) for h in (1, 2, 3, 8, 32, 6)] == [1, 2, 1, 4, 4, 2]
+    assert [head_group(h, 4) for h in (1, 2, 3, 8, 32, 6)] == [1, 2, 4, 4, 4, 2]
+    # odd head counts: padded to a power of two (the extra warps masked), not one-warp programs
+    assert [head_group(h, 4) for h in (3, 5, 7, 9)] == [4, 4, 4, 4]
+    assert [head_group(h, 4, pad=False) for h in (3, 5, 6)] == [1, 1, 2]
     fmt = make_case([4], 8, 2, 64, seed=1)["fmt"]
     assert decode_impl("cpu", fmt, 4) == "triton"  # the tensor-core kernel needs CUDA
     # the policy counts programs: 4 KV-head warps per tensor-core program, one head per
     # portable program (so the tensor-core plan has 4x fewer programs to fill the GPU with)
     assert plan_splits(1, 8, fmt, "cpu", None, 32, "mma", waves=2) == choose_num_splits(2, 132, 2)
     assert plan_splits(1, 8, fmt, "cpu", None, 32, "triton", waves=2) == choose_num_splits(8, 132, 2)
+    # a padded program (3 heads in 4 warps) counts as one; unpadded one-warp programs as 1/4
+    assert plan_splits(4, 3, fmt, "cpu", None, 9, "mma", waves=2) == choose_num_splits(4, 132, 2)
+    assert plan_splits(4, 3, fmt, "cpu", None, 9, "mma", waves=2, pad=False) == choose_num_splits(3, 132, 2)
+    assert choose_num_splits(0.25, 132, waves=2, max_splits=4096) == 1056
     with pytest.raises(ValueError, match="unknown triton decode knob"):
         decode_attention(**make_case([8], 8, 2, 64, seed=1), sm_scale=0.1, stages=3)
     with pytest.raises(ValueError, match="impl"):

@@ -3,7 +3,7 @@ machine without a GPU and print its shared memory, registers and instruction mix
 --dump the SASS goes to stdout for loop_stats.py (the main loop = one block of BLOCK_N
 tokens per warp; "per token" = loop / BLOCK_N).
 usage: python dev/sass/compile_decode_mma.py [--d 128] [--gqa 4] [--page 1] [--block-n 32]
-       [--stages 3] [--heads 4] [--cap 0] [--direct 0] [--dump | python dev/sass/loop_stats.py]"""
+       [--stages 3] [--heads 4] [--cap 0] [--direct 0] [--pdl 1] [--pad 0] [--dump | python dev/sass/loop_stats.py]"""
 import argparse
 import collections
 import os
@@ -27,13 +27,15 @@ ap.add_argument("--stages", type=int, default=None)
 ap.add_argument("--heads", type=int, default=None)
 ap.add_argument("--cap", type=int, default=0)
 ap.add_argument("--direct", type=int, default=0)
+ap.add_argument("--pdl", type=int, default=1)
+ap.add_argument("--pad", type=int, default=0, help="HG does not divide the KV heads (masked warps)")
 ap.add_argument("--dump", action="store_true")
 a = ap.parse_args()
 cfg = dec.MMA_CONFIGS[a.d]
 const = dict(HG=a.heads or cfg["heads"], GQA=a.gqa, NH=max(8, triton.next_power_of_2(a.gqa)), D=a.d,
              PAGE=a.page, BLOCK_N=a.block_n or cfg["block_n"], CAP=bool(a.cap), OFF64=False,
              MIN_BLOCKS=cfg["min_blocks"], STAGES=a.stages or cfg["stages"], SWZ_VEC=cfg["swizzle"][0],
-             SWZ_PHASES=cfg["swizzle"][1], DIRECT=bool(a.direct))
+             SWZ_PHASES=cfg["swizzle"][1], DIRECT=bool(a.direct), PDL=bool(a.pdl), PAD=bool(a.pad))
 ptrs = {"qp_ptr": "*fp16", "qs_ptr": "*fp32", "kd_ptr": "*u8", "ks_ptr": "*fp16", "vd_ptr": "*u8",
         "vs_ptr": "*fp16", "indptr_ptr": "*i32", "indices_ptr": "*i32", "lens_ptr": "*i32",
         "mid_o_ptr": "*bf16" if a.direct else "*fp32", "mid_lse_ptr": "*fp32"}
@@ -52,7 +54,7 @@ for i, n in enumerate(names):
             attrs[(i,)] = [["tt.divisibility", 16]]
 src = GluonASTSource(fn=decode_split_kernel, signature=sig, attrs=attrs,
                      constexprs={(names.index(k),): v for k, v in const.items()})
-k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=const["HG"]))
+k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=const["HG"], launch_pdl=bool(a.pdl)))
 bindir = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
 with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
     f.write(k.asm["cubin"])
