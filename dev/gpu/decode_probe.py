@@ -23,12 +23,12 @@ SHAPES = ("32/8/128:1:32768:1,32/8/128:1:32768:16,32/8/128:4:32768:1,32/8/128:16
           "16/8/256:32:8192:1,16/8/256:1:32768:1")
 
 
-def candidates(batch, hkv, fmt, ctx):
+def candidates(batch, hq, hkv, fmt, ctx):
     cfg = dec.MMA_CONFIGS[fmt.head_dim]
     hg = dec.head_group(hkv, cfg["heads"])
     programs = batch * (hkv // hg)
     sms = dec.num_sms("cuda")
-    policy = dec.plan_splits(batch, hkv, fmt, "cuda", ctx, hkv * 4)
+    policy = dec.plan_splits(batch, hkv, fmt, "cuda", ctx, hq)
     most = max(1, ctx // (cfg["block_n"] * 2))
     c = {policy, 1}
     for per_sm in (1, 2, 3, 4, 6, 8, 12):
@@ -78,15 +78,15 @@ def main():
         ws = dec.alloc_workspace(b, hq, d, dec.MAX_SPLITS, "cuda")
         outs = [torch.empty_like(q) for q, *_ in sets]
 
-        def fn(splits, pdl):
+        def fn(splits, pdl, **kw):
             def one(i):
                 q, ip, e, ln = sets[i]
                 return lambda: dec.decode_attention(q, pools.kd, pools.ks, pools.vd, pools.vs, ip, e, ln, fmt,
                                                     d ** -0.5, page, out=outs[i], workspace=ws,
-                                                    num_splits=splits, pdl=pdl)
+                                                    num_splits=splits, pdl=pdl, **kw)
             return [one(i) for i in range(len(sets))]
 
-        policy, cands = candidates(b, hkv, fmt, ctx)
+        policy, cands = candidates(b, hq, hkv, fmt, ctx)
         res = {}
         for pdl in (False, True):
             for s in cands:
@@ -98,6 +98,13 @@ def main():
                 res[(s, pdl)] = ms
                 rows.append(dict(shape=spec, splits=s, pdl=int(pdl), ms=ms, bf16_ms=bf, policy=policy,
                                  gbs=bytes_read("int4", b, ctx, hq, hkv, d, page) / (ms * 1e6)))
+        if hkv % dec.MMA_CONFIGS[d]["heads"]:  # odd head counts: one-warp programs vs padded ones
+            s1 = dec.plan_splits(b, hkv, fmt, "cuda", ctx, hq, pad=False)
+            try:
+                print(f"   unpadded one-warp programs at {s1} splits (PDL): "
+                      f"{bf / time_fns(fn(s1, True, pad=False)):.2f}x", flush=True)
+            except Exception as exc:  # noqa: BLE001
+                print(f"   unpadded failed: {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
         # PDL must not change a single output bit (eager vs graph replay, PDL on vs off)
         q, ip, e, ln = sets[0]
         ref = fn(policy, False)[0]
