@@ -226,11 +226,11 @@ def _decode_prep_kernel(
 
 @triton.jit(do_not_specialize=['NUM_SPLITS', 'stride_ob', 'stride_oh', 'stride_mo_b', 'stride_mo_h', 'stride_mo_s', 'stride_ml_b', 'stride_ml_h'])
 def _decode_merge_kernel(
-    out_ptr, mid_o_ptr, mid_lse_ptr, lens_ptr, inv_sqrt_bs,
-    stride_ob, stride_oh, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
+    out_ptr, mid_o_ptr, mid_lse_ptr, lens_ptr, lse_ptr, inv_sqrt_bs,
+    stride_ob, stride_oh, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_lb,
     NUM_SPLITS, D: tl.constexpr, D_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
     MIN_BLOCKS: tl.constexpr, S_CHUNK: tl.constexpr, BS: tl.constexpr, LOG_BS: tl.constexpr,
-    ROT_V: tl.constexpr, PDL: tl.constexpr,
+    ROT_V: tl.constexpr, PDL: tl.constexpr, LSE: tl.constexpr,
 ):
     """D_CHUNK channels of one query head of one request: the active splits' partial
     outputs merged by their log2-sum-exp, S_CHUNK splits per step (all of them in one step
@@ -260,6 +260,10 @@ def _decode_merge_kernel(
         l_i = l_i * alpha + tl.sum(w, 0)
         m_i = m_new
     o = acc * tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
+    if LSE:  # the head's log2-sum-exp (-inf without keys), for merging with other attention
+        if c0 == 0:
+            tl.store(lse_ptr + b * stride_lb + h, tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)),
+                                                           float("-inf")))
     out = out_ptr + b * stride_ob + h * stride_oh
     if ROT_V:
         for cb in tl.static_range(D // 64):
@@ -311,17 +315,20 @@ def prepare_query(q, fmt: Int4KVFormat, sm_scale: float, logit_cap: float, q_pre
 
 
 def merge_splits(out, ws: DecodeWorkspace, kv_lens, fmt: Int4KVFormat, num_splits, block_n, min_blocks,
-                 pdl=False):
-    """Splits -> out (and back into the original basis when V was rotated)."""
+                 pdl=False, lse_out=None):
+    """Splits -> out (and back into the original basis when V was rotated); lse_out [B, Hq]
+    fp32, if given, gets each head's log2-sum-exp of its scaled scores."""
     bsz, hq, d = out.shape
     bs = fmt.block_size
     d_chunk = d if fmt.v_rotated else 32
     s_chunk = 32 if d_chunk == 32 else 16  # fixed: one compiled variant for any split count
     _decode_merge_kernel[(hq, bsz, d // d_chunk)](
-        out, ws.mid_o, ws.mid_lse, kv_lens, 1.0 / math.sqrt(bs),
-        out.stride(0), out.stride(1), *ws.mid_o.stride()[:3], *ws.mid_lse.stride()[:2], num_splits,
+        out, ws.mid_o, ws.mid_lse, kv_lens, ws.mid_lse if lse_out is None else lse_out, 1.0 / math.sqrt(bs),
+        out.stride(0), out.stride(1), *ws.mid_o.stride()[:3], *ws.mid_lse.stride()[:2],
+        0 if lse_out is None else lse_out.stride(0), num_splits,
         D=d, D_CHUNK=d_chunk, BLOCK_N=block_n, MIN_BLOCKS=min_blocks, S_CHUNK=s_chunk, BS=bs,
-        LOG_BS=int(math.log2(bs)), ROT_V=fmt.v_rotated, PDL=pdl, num_warps=4, **_pdl_launch(pdl),
+        LOG_BS=int(math.log2(bs)), ROT_V=fmt.v_rotated, PDL=pdl, LSE=lse_out is not None, num_warps=4,
+        **_pdl_launch(pdl),
     )
 
 
@@ -356,7 +363,8 @@ def decode_attention(
     q, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv_lens,
     fmt: Int4KVFormat, sm_scale: float, page_size: int = 1, logit_cap: float = 0.0,
     out=None, workspace: DecodeWorkspace | None = None, num_splits: int | None = None, *,
-    max_kv_len: int | None = None, impl: str | None = None, qk_int8: bool = False, **knobs,
+    max_kv_len: int | None = None, impl: str | None = None, qk_int8: bool = False,
+    lse_out: torch.Tensor | None = None, **knobs,
 ):
     """INT4 paged decode attention. q [B, Hq, D] (original basis) -> out [B, Hq, D] q.dtype.
 
@@ -368,7 +376,10 @@ def decode_attention(
 
     qk_int8=True (triton impl, whole-head groups) rounds the rotated query to int8 per
     row (step = amax / 127) and computes q.k on the integer tensor cores: matches
-    reference.decode_attention_ref(..., q_int8=True)."""
+    reference.decode_attention_ref(..., q_int8=True).
+
+    lse_out [B, Hq] fp32 (optional) receives each head's log2-sum-exp of its scaled scores
+    (sm_scale * q.k, soft-capped; -inf for an empty request), to merge with other attention."""
     bsz, hq, hkv, d = _check(q, k_data, k_scales, v_data, v_scales, fmt)
     if qk_int8 and fmt.num_groups != 1:
         raise ValueError(f"qk_int8 needs one group per head (group_size {fmt.group_size} != head_dim {d})")
@@ -388,17 +399,20 @@ def decode_attention(
     if not workspace.fits(bsz, hq, d, num_splits):
         raise ValueError(f"workspace {tuple(workspace.mid_o.shape)} too small for batch {bsz}, "
                          f"{hq} heads, D {d}, {num_splits} splits")
+    if lse_out is not None and (lse_out.shape != (bsz, hq) or lse_out.dtype != torch.float32
+                                or lse_out.stride(1) != 1):
+        raise ValueError(f"lse_out must be fp32 [{bsz}, {hq}] with unit head stride")
     if impl == "mma":
-        direct = num_splits == 1 and not fmt.v_rotated
+        direct = num_splits == 1 and not fmt.v_rotated and lse_out is None
         _split_mma(q, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv_lens, fmt,
                    sm_scale, page_size, logit_cap, out, workspace, num_splits, cfg, direct)
         min_blocks, pdl = cfg["min_blocks"], cfg["pdl"]
     else:
-        direct = num_splits == 1
+        direct = num_splits == 1 and lse_out is None
         decode_triton.run_split(q, k_data, k_scales, v_data, v_scales, kv_indptr, kv_indices, kv_lens,
                                 fmt, sm_scale, page_size, logit_cap, out, workspace, num_splits, cfg,
                                 direct, qk_int8)
         min_blocks, pdl = 1, False
     if not direct:
-        merge_splits(out, workspace, kv_lens, fmt, num_splits, cfg["block_n"], min_blocks, pdl)
+        merge_splits(out, workspace, kv_lens, fmt, num_splits, cfg["block_n"], min_blocks, pdl, lse_out)
     return out

@@ -106,12 +106,13 @@ def make_queries(q_lens, hq, d, gen, dtype=torch.bfloat16, device="cpu"):
     return q.to(device), qo.to(device)
 
 
-def check_prefix(q, qo, cache, fmt, page, cap=0.0, **kw):
-    """prefix_attention on `cache` (make_cache) against the fp32 reference, within O_TOL and
-    LSE_ATOL, empty prefixes exactly (o = 0, lse = -inf); returns the kernel's (o, lse)."""
+def check_prefix(q, qo, cache, fmt, page, cap=0.0, fn=None, **kw):
+    """prefix_attention (or `fn`, the same contract) on `cache` (make_cache) against the
+    fp32 reference, within O_TOL and LSE_ATOL, empty prefixes exactly (o = 0, lse = -inf);
+    returns the kernel's (o, lse)."""
     kd, ks, vd, vs, kv_indptr, kv_indices, kv_lens = cache
     sm = ref.default_sm_scale(fmt.head_dim)
-    o, lse = prefix_attention(q, qo, kd, ks, vd, vs, kv_indptr, kv_indices, kv_lens,
+    o, lse = (fn or prefix_attention)(q, qo, kd, ks, vd, vs, kv_indptr, kv_indices, kv_lens,
                               fmt, sm, page_size=page, logit_cap=cap, **kw)
     ro, rlse = ref.prefix_attention_ref(q.float(), qo, kd, ks, vd, vs, kv_indptr, kv_indices,
                                         kv_lens, fmt, sm, page_size=page, logit_cap=cap)
