@@ -43,12 +43,13 @@ def test_table_formatting():
     assert t[0].startswith("| q/kv heads") and len(t) == 3 and t[1].count("|") == t[0].count("|")
     assert "| 32/8/128 | 1 | 16 x 8k | 0.0500 | 0.1500 | - | 3.00x | - | 2900 | 4000 | 72% |" == t[2]
     e = dict(prefix=8192, new=8192, reqs=1, int4_ms=2.0, dequant_ms=0.1, k_unrotated=True, other_basis_ms=2.4,
-             prefix_kernel_ms=3.6, bf16_ms=1.8)
+             prefix_kernel_ms=3.6, prefix_decode_ms=0.9, bf16_ms=1.8)
     no_prefix = dict(prefix=0, new=256, reqs=32, int4_ms=0.2, dequant_ms=0.05, k_unrotated=False,
                      other_basis_ms=0.125, prefix_kernel_ms=None, bf16_ms=0.1)
     t = bk.extend_table([e, no_prefix]).splitlines()
-    assert t[2] == "| 8192 + 8192 x 1 | 2.0000 (0.1000) | K un-rotated | 2.4000 | 3.6000 | 1.8000 | 0.90x | 0.50x |"
-    assert t[3] == "| 0 + 256 x 32 | 0.2000 (0.0500) | q rotated | 0.1250 | - | 0.1000 | 0.50x | - |"
+    assert t[2] == ("| 8192 + 8192 x 1 | 2.0000 (0.1000) | K un-rotated | 2.4000 | 3.6000 | 1.8000 | 0.90x "
+                    "| 0.50x | 0.9000 | 2.00x |")
+    assert t[3] == "| 0 + 256 x 32 | 0.2000 (0.0500) | q rotated | 0.1250 | - | 0.1000 | 0.50x | - | - | - |"
     assert t[0].count("|") == t[2].count("|") == t[3].count("|")
 
 

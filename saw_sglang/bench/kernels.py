@@ -35,7 +35,7 @@ PAGES = (1, 16)
 QUICK = [(1, 32768), (4, 32768), (16, 8192), (64, 8192), (256, 2048)]
 # (prefix tokens, new tokens, requests): chunked prefill, long prefixes, radix hits
 EXTEND_SHAPES = ((8192, 8192, 1), (16384, 2048, 1), (0, 256, 32), (1024, 32, 8), (4096, 32, 8),
-                 (16384, 32, 4))
+                 (16384, 32, 4), (16384, 8, 4), (16384, 1, 8))
 MODES = ("none", "k", "kv")
 
 
@@ -89,14 +89,16 @@ def decode_table(rows):
 def extend_table(rows):
     lines = ["| prefix + new x requests | through the pool ms (of it dequant) | served with "
              "| the other basis ms | prefix kernel + merge ms | BF16 ms | through the pool vs BF16 "
-             "| prefix kernel vs BF16 |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+             "| prefix kernel vs BF16 | prefix via decode kernel ms | vs BF16 |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         split = r.get("prefix_kernel_ms")
+        pd = r.get("prefix_decode_ms")
         lines.append(f"| {r['prefix']} + {r['new']} x {r['reqs']} | {r['int4_ms']:.4f} ({r['dequant_ms']:.4f}) "
                      f"| {'K un-rotated' if r['k_unrotated'] else 'q rotated'} | {_ms(r['other_basis_ms'])} "
                      f"| {_ms(split)} | {r['bf16_ms']:.4f} | {fmt_x(r['bf16_ms'], r['int4_ms'])} "
-                     f"| {'-' if split is None else fmt_x(r['bf16_ms'], split)} |")
+                     f"| {'-' if split is None else fmt_x(r['bf16_ms'], split)} "
+                     f"| {_ms(pd)} | {'-' if pd is None else fmt_x(r['bf16_ms'], pd)} |")
     return "\n".join(lines)
 
 
@@ -308,11 +310,15 @@ def bench_extend(hq=32, hkv=8, d=128):
         into a workspace, rotate q (or un-rotate K where the queries outweigh the keys), one
         causal ragged prefill (kernels.pool_read); the other basis choice is timed beside;
     (b) the chunk causally on its fresh BF16 k/v (ragged prefill with lse), the prefix
-        through our prefix kernel, merged with FlashInfer's merge_state."""
+        through our prefix kernel, merged with FlashInfer's merge_state;
+    (c) the chunk read back from the pool (ragged prefill with lse), the prefix through the
+        decode kernels (kernels.prefix_decode: tokens packed into query heads), merged."""
     import flashinfer
     import torch
     from saw_sglang.kernels.pool_read import PoolReadWorkspace, attend_through_pool, unrotate_k_pays
     from saw_sglang.kernels.prefix import prefix_attention
+    from saw_sglang.kernels.prefix_decode import prefix_attention as prefix_via_decode
+    from saw_sglang.kernels.pool_read import stored_basis_query
     from saw_sglang.kernels.quantize import dequantize
     gen = torch.Generator(device="cuda").manual_seed(3)
     pools = Pools(max((p + n) * r for p, n, r in EXTEND_SHAPES) + 4096, hkv, d, gen)
@@ -345,7 +351,7 @@ def bench_extend(hq=32, hkv=8, d=128):
         other_ms = time_fns([lambda: through_pool(not k_unrotated)])  # the choice's A/B
         dq_ms = time_fns([dq])
         bf16_ms = time_fns([lambda: w.run(q, k16, v16, out=out)])
-        split_ms = None
+        split_ms = decode_ms = None
         if prefix:  # (b): chunk on fresh k/v + prefix kernel + merge
             chunk = torch.cat([torch.arange(i * (prefix + new) + prefix, (i + 1) * (prefix + new))
                                for i in range(reqs)]).cuda()
@@ -362,10 +368,23 @@ def bench_extend(hq=32, hkv=8, d=128):
                                           plen, fmt, sm, max_q_len=new)
                 return flashinfer.merge_state(o1, s1, o2.to(o1.dtype), s2 / math.log(2.0))
             split_ms = time_fns([split])
+            chunk_slots = slots.view(reqs, prefix + new)[:, prefix:].reshape(-1)
+
+            def via_decode():  # (c): the chunk through the pool, the prefix through decode
+                kr = dequantize(pools.kd, pools.ks, chunk_slots, fmt, False, out=ws.k[:new * reqs])
+                vr = dequantize(pools.vd, pools.vs, chunk_slots, fmt, False, out=ws.v[:new * reqs])
+                o1, s1 = wc.run(stored_basis_query(q, fmt), kr, vr, return_lse=True)
+                o2, s2 = prefix_via_decode(q, qo, pools.kd, pools.ks, pools.vd, pools.vs, pind, pre_slots,
+                                           plen, fmt, sm, max_q_len=new, max_kv_len=prefix)
+                return flashinfer.merge_state(o1, s1, o2.to(o1.dtype), s2 / math.log(2.0))
+            try:
+                decode_ms = time_fns([via_decode])
+            except Exception as exc:  # noqa: BLE001
+                print(f"note: prefix via decode failed at {prefix}+{new}x{reqs}: {exc}", file=sys.stderr)
             del kc, vc
         results.append(dict(prefix=prefix, new=new, reqs=reqs, hq=hq, hkv=hkv, d=d, int4_ms=pool_ms,
                             dequant_ms=dq_ms, k_unrotated=k_unrotated, other_basis_ms=other_ms,
-                            prefix_kernel_ms=split_ms, bf16_ms=bf16_ms))
+                            prefix_kernel_ms=split_ms, prefix_decode_ms=decode_ms, bf16_ms=bf16_ms))
         del k16, v16, ws
     return results
 

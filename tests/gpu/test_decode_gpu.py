@@ -165,3 +165,18 @@ def test_qk_int8_real_sizes(page, rot, hq, hkv):
         mx, rel = errors(out, expect)
         assert mx <= 2 * MAX_ABS and rel <= 2 * MAX_REL, (s, mx, rel)
         assert errors(out, exact)[1] <= 3e-2, s
+
+
+@pytest.mark.parametrize("hq, hkv, d, page", [(32, 8, 128, 1), (32, 8, 128, 16), (9, 3, 64, 1), (16, 8, 256, 16),
+                                             (64, 8, 128, 1)])
+def test_prefix_through_decode_kernels(hq, hkv, d, page):
+    """kernels.prefix_decode (new tokens packed into the tensor-core decode kernel's query
+    heads) against the reference at real prefix lengths, lse included."""
+    from saw_sglang.kernels.format import Int4KVFormat
+    from saw_sglang.kernels.prefix_decode import prefix_attention
+    from saw_sglang.kernels.testing import check_prefix, make_cache, make_queries
+    gen = torch.Generator().manual_seed(hq + d + page)
+    fmt = Int4KVFormat(head_dim=d)
+    cache, _, _ = make_cache(fmt, hkv, [3000, 1, 0, 700], page, gen, device="cuda")
+    q, qo = make_queries([1, 9, 4, 33], hq, d, gen, device="cuda")
+    check_prefix(q, qo, cache, fmt, page, fn=prefix_attention, max_q_len=33, max_kv_len=3000)
