@@ -40,7 +40,7 @@ MAX_SPLITS = 256
 # memory swizzle (bytes per piece, phases) that keeps the fragment reads conflict-free.
 MMA_CONFIGS: dict[int, dict] = {
     64: dict(block_n=64, stages=3, heads=4, waves=2, min_blocks=4, swizzle=(16, 1)),
-    128: dict(block_n=32, stages=3, heads=4, waves=2, min_blocks=4, swizzle=(16, 4)),
+    128: dict(block_n=32, stages=3, heads=4, waves=2.9, min_blocks=16, swizzle=(16, 4)),
     256: dict(block_n=32, stages=3, heads=4, waves=3, min_blocks=4, swizzle=(32, 4)),
 }
 
@@ -124,7 +124,7 @@ def head_group(num_kv_heads: int, most: int, pad: bool = True) -> int:
 MMA_KNOBS = ("block_n", "stages", "heads", "waves", "min_blocks", "maxnreg", "pdl", "pad")
 # Programmatic dependent launch of the three kernels of a step (sm_90+): each next kernel's
 # launch overlaps the previous one's run (tiles.grid_dependency_sync).
-MMA_PDL = True
+MMA_PDL = False  # H200 A/B (docs/decode.md): +1-6% at some shapes, -16-30% at others
 
 
 def _pdl_launch(pdl: bool) -> dict:

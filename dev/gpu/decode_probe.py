@@ -26,7 +26,7 @@ SHAPES = ("32/8/128:1:32768:1,32/8/128:1:32768:16,32/8/128:4:32768:1,32/8/128:16
 def candidates(batch, hq, hkv, fmt, ctx):
     cfg = dec.MMA_CONFIGS[fmt.head_dim]
     hg = dec.head_group(hkv, cfg["heads"])
-    programs = batch * (hkv // hg)
+    programs = batch * -(-hkv // hg)
     sms = dec.num_sms("cuda")
     policy = dec.plan_splits(batch, hkv, fmt, "cuda", ctx, hq)
     most = max(1, ctx // (cfg["block_n"] * 2))
@@ -56,6 +56,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--out", default=None, help="CSV of every timing")
+    ap.add_argument("--min-blocks", type=lambda x: [int(v) for v in x.split(",")], default=None,
+                    help="also time these in-kernel least split lengths (blocks) at the graph-mode split count")
+    ap.add_argument("--min-blocks-shapes", default="32/8/128:1:2048:1,32/8/128:1:8192:1,32/8/128:1:32768:1,"
+                    "32/8/128:16:2048:1,32/8/128:16:8192:1,32/8/128:4:32768:1,32/8/128:64:2048:1")
     a = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -134,6 +138,30 @@ def main():
                       flush=True)
         del pools, sets, ws, outs
         torch.cuda.empty_cache()
+    if a.min_blocks:
+        print("\n| shape (graph mode: no max length) | splits | " + " | ".join(f"min_blocks {m}" for m in a.min_blocks)
+              + " |\n|---|---:|" + "---:|" * len(a.min_blocks))
+        for spec in a.min_blocks_shapes.split(","):
+            heads, b, ctx, page = spec.split(":")
+            hq, hkv, d = map(int, heads.split("/"))
+            b, ctx, page = int(b), int(ctx), int(page)
+            pools = Pools(b * ctx + 16 * 256, hkv, d, gen)
+            fmt = pools.fmt
+            sets = [make_inputs(b, ctx, page, pools.rows, hq, d, gen)
+                    for _ in range(n_rotations(bytes_read("int4", b, ctx, hq, hkv, d, page)))]
+            bf = time_fns([flashinfer_decode_fn(pools, "bf16", q, ip, e, ctx, page, hkv) for q, ip, e, _ in sets])
+            s = dec.plan_splits(b, hkv, fmt, "cuda", None, hq)
+            ws = dec.alloc_workspace(b, hq, d, dec.MAX_SPLITS, "cuda")
+            out = torch.empty_like(sets[0][0])
+            cells = []
+            for m in a.min_blocks:
+                fns = [(lambda q=q, ip=ip, e=e, ln=ln, m=m: dec.decode_attention(
+                    q, pools.kd, pools.ks, pools.vd, pools.vs, ip, e, ln, fmt, d ** -0.5, page, out=out,
+                    workspace=ws, num_splits=s, min_blocks=m, pdl=False)) for q, ip, e, ln in sets]
+                cells.append(f"{bf / time_fns(fns):.2f}x")
+            print(f"| {spec} | {s} | " + " | ".join(cells) + " |", flush=True)
+            del pools, sets, ws
+            torch.cuda.empty_cache()
     if a.out and rows:
         with open(a.out, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))

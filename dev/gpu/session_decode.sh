@@ -3,7 +3,8 @@
 # compile FlashInfer's BF16 decode for the probe's head dims in the background, run the
 # decode GPU tests, then dev/gpu/decode_probe.py (split counts x PDL beside FlashInfer
 # BF16) and dev/gpu/quantize_speed.py. Everything lands in $OUT/check.tgz.
-# usage: [T_TESTS=240] [T_PROBE=300] [PROBE_ARGS="--shapes ..."] [QSPEED=1] dev/gpu/session_decode.sh
+# usage: [GPU_TESTS=...] [T_TESTS=240] [T_PROBE=300] [PROBE_ARGS="--shapes ..."] [QSPEED=1] [EXTRA="cmd"]
+#        dev/gpu/session_decode.sh
 set -o pipefail
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 dev/gpu/stash_part.sh .gpu-carry /tmp/parts > "$OUT/stash.log" 2>&1; el "stash rc=$?"
@@ -22,4 +23,5 @@ el "probe rc=$?"; cat "$OUT/probe.log"; tail -5 "$OUT/probe.err"
 if [ "${QSPEED:-0}" = 1 ]; then
   timeout ${T_QSPEED:-120} python3 dev/gpu/quantize_speed.py > "$OUT/qspeed.log" 2>&1; el "qspeed rc=$?"; tail -25 "$OUT/qspeed.log"
 fi
+if [ -n "$EXTRA" ]; then eval "$EXTRA" > "$OUT/extra.log" 2>&1; el "extra rc=$?"; grep -v "it/s\]" "$OUT/extra.log" | tail -n 40; fi
 ( cd "$OUT" && tar czf /tmp/check.tgz . && find . -mindepth 1 -delete && mv /tmp/check.tgz check.tgz )
