@@ -40,7 +40,7 @@ MAX_SPLITS = 256
 # memory swizzle (bytes per piece, phases) that keeps the fragment reads conflict-free.
 MMA_CONFIGS: dict[int, dict] = {
     64: dict(block_n=64, stages=3, heads=4, waves=2, min_blocks=4, swizzle=(16, 1)),
-    128: dict(block_n=32, stages=3, heads=4, waves=2.9, min_blocks=16, swizzle=(16, 4)),
+    128: dict(block_n=32, stages=3, heads=4, waves=2.9, min_blocks=8, swizzle=(16, 4)),
     256: dict(block_n=32, stages=3, heads=4, waves=3, min_blocks=4, swizzle=(32, 4)),
 }
 
