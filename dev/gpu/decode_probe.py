@@ -36,6 +36,17 @@ def candidates(batch, hq, hkv, fmt, ctx):
     return policy, sorted(s for s in c if s <= min(most, dec.MAX_SPLITS))
 
 
+def setup(spec, gen):
+    """HQ/HKV/D:B:CTX:PAGE -> the numbers, random pools and L2-cold input sets."""
+    heads, b, ctx, page = spec.split(":")
+    hq, hkv, d = map(int, heads.split("/"))
+    b, ctx, page = int(b), int(ctx), int(page)
+    pools = Pools(b * ctx + 16 * 256, hkv, d, gen)
+    sets = [make_inputs(b, ctx, page, pools.rows, hq, d, gen)
+            for _ in range(n_rotations(bytes_read("int4", b, ctx, hq, hkv, d, page)))]
+    return hq, hkv, d, b, ctx, page, pools, sets
+
+
 def breakdown(fn, n=20):
     """Mean device time per call of each kernel (eager launches, profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -67,13 +78,8 @@ def main():
           "| vs BF16: policy / +PDL / best |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for spec in a.shapes.split(","):
-        heads, b, ctx, page = spec.split(":")
-        hq, hkv, d = map(int, heads.split("/"))
-        b, ctx, page = int(b), int(ctx), int(page)
-        pools = Pools(b * ctx + 16 * 256, hkv, d, gen)
+        hq, hkv, d, b, ctx, page, pools, sets = setup(spec, gen)
         fmt = pools.fmt
-        n_rot = n_rotations(bytes_read("int4", b, ctx, hq, hkv, d, page))
-        sets = [make_inputs(b, ctx, page, pools.rows, hq, d, gen) for _ in range(n_rot)]
         try:
             bf = time_fns([flashinfer_decode_fn(pools, "bf16", q, ip, e, ctx, page, hkv) for q, ip, e, _ in sets])
         except Exception as exc:  # noqa: BLE001
@@ -142,13 +148,8 @@ def main():
         print("\n| shape (graph mode: no max length) | splits | " + " | ".join(f"min_blocks {m}" for m in a.min_blocks)
               + " |\n|---|---:|" + "---:|" * len(a.min_blocks))
         for spec in a.min_blocks_shapes.split(","):
-            heads, b, ctx, page = spec.split(":")
-            hq, hkv, d = map(int, heads.split("/"))
-            b, ctx, page = int(b), int(ctx), int(page)
-            pools = Pools(b * ctx + 16 * 256, hkv, d, gen)
+            hq, hkv, d, b, ctx, page, pools, sets = setup(spec, gen)
             fmt = pools.fmt
-            sets = [make_inputs(b, ctx, page, pools.rows, hq, d, gen)
-                    for _ in range(n_rotations(bytes_read("int4", b, ctx, hq, hkv, d, page)))]
             bf = time_fns([flashinfer_decode_fn(pools, "bf16", q, ip, e, ctx, page, hkv) for q, ip, e, _ in sets])
             s = dec.plan_splits(b, hkv, fmt, "cuda", None, hq)
             ws = dec.alloc_workspace(b, hq, d, dec.MAX_SPLITS, "cuda")
