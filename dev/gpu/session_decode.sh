@@ -3,7 +3,10 @@
 # compile FlashInfer's BF16 decode for the probe's head dims in the background, run the
 # decode GPU tests, then dev/gpu/decode_probe.py (split counts x PDL beside FlashInfer
 # BF16) and dev/gpu/quantize_speed.py. Everything lands in $OUT/check.tgz.
+# With BUILD_MODELS=1 the test models are built into /tmp/models in the background (CPU
+# work), for a later call on the same warm machine (faces, serving).
 # usage: [GPU_TESTS=...] [T_TESTS=240] [T_PROBE=300] [PROBE_ARGS="--shapes ..."] [QSPEED=1] [EXTRA="cmd"]
+#        [BUILD_MODELS=1]
 #        dev/gpu/session_decode.sh
 set -o pipefail
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
@@ -13,6 +16,7 @@ el installed
 export PYTHONPATH=/tmp/site-self:/tmp/site PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 dev/gpu/decode_dev.py --warm-fi "${WARM_FI:-128,64}" > "$OUT/fi_warm.log" 2>&1 &
 WARM=$!
+if [ "${BUILD_MODELS:-0}" = 1 ]; then dev/gpu/run_all.sh "$OUT/run" --only models > "$OUT/models.log" 2>&1 & fi
 if [ -n "${GPU_TESTS-tests/gpu/test_decode_gpu.py}" ]; then
   timeout ${T_TESTS:-240} python3 -m pytest -m gpu -q --maxfail=3 -p no:cacheprovider ${GPU_TESTS:-tests/gpu/test_decode_gpu.py} > "$OUT/tests.log" 2>&1
   el "tests rc=$?"; tail -n 8 "$OUT/tests.log"
@@ -24,4 +28,5 @@ if [ "${QSPEED:-0}" = 1 ]; then
   timeout ${T_QSPEED:-120} python3 dev/gpu/quantize_speed.py > "$OUT/qspeed.log" 2>&1; el "qspeed rc=$?"; tail -25 "$OUT/qspeed.log"
 fi
 if [ -n "$EXTRA" ]; then eval "$EXTRA" > "$OUT/extra.log" 2>&1; el "extra rc=$?"; grep -v "it/s\]" "$OUT/extra.log" | tail -n 40; fi
+wait
 ( cd "$OUT" && tar czf /tmp/check.tgz . && find . -mindepth 1 -delete && mv /tmp/check.tgz check.tgz )
