@@ -84,10 +84,11 @@ def _hold(host: str, port: int) -> Optional[socket.socket]:
         return None
 
 
-def reserve_port(host: str = "127.0.0.1") -> int:
+def reserve_port(host: str = "127.0.0.1", below: Optional[int] = None) -> int:
     """A --port for one server, held until release_port(port) (ManagedServer releases
-    it once the server is healthy, or stopped)."""
-    blocks = port_blocks()
+    it once the server is healthy, or stopped). below: the block ends under this port
+    (sgl.Runtime looks for a free port only up to 40000)."""
+    blocks = [p for p in port_blocks() if below is None or p + PORT_STRIDE <= below]
     random.shuffle(blocks)
     for port in blocks:
         if port not in _HELD:

@@ -93,8 +93,10 @@ def regex_constrained(s):
 
 @sgl.function
 def json_constrained(s):
-    s += sgl.user("Describe Paris as JSON with its name, country, population and whether "
-                  "it is a capital.")
+    # the shape spelled out: a 135M model otherwise wanders (a string cut by the
+    # chat template's stop text was seen on the H100)
+    s += sgl.user('Describe Paris as JSON, like {"name": "Rome", "country": "Italy", '
+                  '"population": 2800000, "capital": true}.')
     s += sgl.assistant(sgl.gen("city", max_tokens=128, json_schema=json.dumps(CITY_SCHEMA)))
 
 
